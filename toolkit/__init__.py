@@ -1,0 +1,1 @@
+"""Layer-to-layer analyses of language models on TransformerLens and nnsight."""

@@ -1,0 +1,193 @@
+"""The one small interface every analysis uses to talk to a model.
+
+A :class:`Backend` wraps a HuggingFace causal LM through either TransformerLens
+(``TransformerBridge``) or nnsight. Analysis code only ever calls the methods here,
+so each analysis is written once and runs through both libraries.
+
+Layer boundaries
+----------------
+``h_l`` is the residual stream at boundary ``l`` for ``l = 0 .. n_layers``:
+
+* ``h_0`` is the input of the first block: the token embeddings, plus learned
+  position embeddings where the model has them (GPT-2), times Gemma's
+  ``sqrt(d_model)`` scale where the model applies it inside the embedding.
+* ``h_l`` (``1 <= l <= n_layers``) is the output of block ``l - 1``, which is also
+  the input of block ``l``.
+* ``h_{n_layers}`` is the last block's output *before* the final norm.
+
+So the layer transition of block ``l`` is ``h_l -> h_{l+1}``, and logits are
+``unembed(h_{n_layers})`` = ``lm_head(final_norm(h_{n_layers}))``.
+
+Example:
+    >>> import toolkit
+    >>> model = toolkit.load_model("smollm2-135m")          # doctest: +SKIP
+    >>> ids = model.to_tokens(["The capital of France is"])   # doctest: +SKIP
+    >>> hs = model.hidden_states(ids)                         # [n_layers+1, batch, seq, d_model]
+    >>> logits = model.run_with_patch(ids, layer=5, positions=torch.tensor([[3]]), values=hs[5, :, [3]])
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Static facts about a loaded model."""
+
+    model_id: str           # registry name, hub id or local path it was loaded from
+    architecture: str       # family: llama, qwen3, gemma3, gpt2, gpt_neox, mamba
+    n_layers: int
+    d_model: int
+    n_ctx: int              # longest sequence the model accepts
+    vocab_size: int
+
+
+class Backend(ABC):
+    """A loaded model seen through one interpretability library.
+
+    Subclasses: :class:`toolkit.backends.nnsight_backend.NNsightBackend` and
+    :class:`toolkit.backends.transformer_lens_backend.TransformerLensBackend`.
+    Both hold the same HuggingFace model in ``hf_model`` (raw HF numerics, no
+    weight processing), so they agree to float tolerance.
+    """
+
+    name: str = "abstract"
+
+    def __init__(self, hf_model: nn.Module, tokenizer, info: ModelInfo):
+        self.hf_model = hf_model
+        self.tokenizer = tokenizer
+        self.info = info
+
+    # ----- facts --------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return self.info.n_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.info.d_model
+
+    @property
+    def n_ctx(self) -> int:
+        return self.info.n_ctx
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf_model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf_model.parameters()).dtype
+
+    def __repr__(self) -> str:
+        i = self.info
+        return (f"{type(self).__name__}({i.model_id!r}, arch={i.architecture}, layers={i.n_layers}, "
+                f"d_model={i.d_model}, dtype={self.dtype}, device={self.device})")
+
+    # ----- checks shared by every backend -------------------------------------------------
+    def check_boundary(self, layer: int) -> int:
+        """Return ``layer`` if it names a boundary 0..n_layers, else raise a clear error."""
+        if not isinstance(layer, int) or not 0 <= layer <= self.n_layers:
+            raise ValueError(f"layer boundary {layer!r} is out of range: {self.info.model_id} has "
+                             f"{self.n_layers} blocks, so boundaries run from 0 (embeddings) to "
+                             f"{self.n_layers} (last block output).")
+        return layer
+
+    def check_tokens(self, input_ids: Tensor) -> Tensor:
+        """Validate a [batch, seq] id tensor and move it to the model's device."""
+        if input_ids.ndim == 1:
+            input_ids = input_ids[None]
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}.")
+        if input_ids.shape[1] > self.n_ctx:
+            raise ValueError(f"sequence of {input_ids.shape[1]} tokens is longer than the context of "
+                             f"{self.info.model_id} ({self.n_ctx}); use a shorter seq_len or truncate the prompt.")
+        return input_ids.to(self.device)
+
+    # ----- tokens ---------------------------------------------------------------------------
+    def to_tokens(self, texts: str | Sequence[str], prepend_bos: bool = True) -> Tensor:
+        """Tokenise one text or equal-length texts into a [batch, seq] LongTensor.
+
+        ``prepend_bos`` adds the tokenizer's BOS token where the tokenizer has one and
+        would add it by default (Gemma); SmolLM2 and GPT-2 add none.
+        """
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        enc = self.tokenizer(texts, add_special_tokens=prepend_bos, return_tensors="pt", padding=len(texts) > 1)
+        return self.check_tokens(enc["input_ids"])
+
+    def to_str_tokens(self, ids: Tensor | Sequence[int]) -> list[str]:
+        """Decode each id on its own, as TransformerLens' ``to_str_tokens`` does."""
+        ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)
+        return [self.tokenizer.decode([i]) for i in ids]
+
+    # ----- the interface ------------------------------------------------------------------
+    @abstractmethod
+    def hidden_states(self, input_ids: Tensor, layers: Sequence[int] | None = None) -> Tensor:
+        """Residual stream at the chosen boundaries (default all): ``[len(layers), batch, seq, d_model]``."""
+
+    @abstractmethod
+    def run_with_patch(self, input_ids: Tensor, layer: int, positions: Tensor, values: Tensor) -> Tensor:
+        """Logits ``[batch, seq, vocab]`` after replacing ``h_layer`` at ``positions`` with ``values``.
+
+        ``positions`` is ``[batch, n]`` (or ``[batch]`` for one position a row) and ``values``
+        is ``[batch, n, d_model]`` (or ``[batch, d_model]``). Row ``b`` of the batch has
+        ``h_layer[b, positions[b, j]]`` replaced by ``values[b, j]``, and every later layer
+        sees the replacement.
+        """
+
+    def logits(self, input_ids: Tensor) -> Tensor:
+        """Plain forward pass: ``[batch, seq, vocab]``."""
+        with torch.no_grad():
+            return self.hf_model(self.check_tokens(input_ids)).logits
+
+    # ----- embedding, final norm, unembedding (shared HF modules) ---------------------------
+    @property
+    def W_E(self) -> Tensor:
+        """Token embedding matrix ``[vocab, d_model]`` (before any Gemma scale)."""
+        return self.hf_model.get_input_embeddings().weight
+
+    @property
+    def W_U(self) -> Tensor:
+        """Unembedding matrix ``[d_model, vocab]`` (transpose of the lm_head weight)."""
+        return self.hf_model.get_output_embeddings().weight.T
+
+    @property
+    def final_norm(self) -> nn.Module:
+        """The norm applied to ``h_{n_layers}`` before the unembedding."""
+        from toolkit.models.architectures import spec_for
+        return spec_for(self.hf_model).final_norm(self.hf_model)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The HF model's list of blocks (one per layer transition)."""
+        from toolkit.models.architectures import spec_for
+        return spec_for(self.hf_model).blocks(self.hf_model)
+
+    def unembed(self, h_last: Tensor) -> Tensor:
+        """Logits from the last boundary: ``lm_head(final_norm(h_last))``."""
+        out = self.hf_model.get_output_embeddings()(self.final_norm(h_last))
+        softcap = getattr(self.hf_model.config, "final_logit_softcapping", None)
+        if softcap:
+            out = torch.tanh(out / softcap) * softcap
+        return out
+
+
+def normalize_patch(positions: Tensor, values: Tensor, batch: int, d_model: int) -> tuple[Tensor, Tensor]:
+    """Bring ``positions``/``values`` to ``[batch, n]`` / ``[batch, n, d]`` and check them."""
+    positions = torch.as_tensor(positions)
+    if positions.ndim == 0:
+        positions = positions.expand(batch)
+    if positions.ndim == 1:
+        positions = positions[:, None]
+    if values.ndim == 2:
+        values = values[:, None, :]
+    if positions.shape[0] != batch or values.shape[:2] != positions.shape or values.shape[2] != d_model:
+        raise ValueError(f"patch shapes do not fit: positions {tuple(positions.shape)} and values "
+                         f"{tuple(values.shape)} for a batch of {batch} at width {d_model}; expected "
+                         f"positions [batch, n] and values [batch, n, d_model].")
+    return positions.long(), values
