@@ -25,3 +25,15 @@ def smollm2_hf():
     from transformers import AutoModelForCausalLM
     from toolkit.models.weights import SMOLLM2, converted_folder
     return AutoModelForCausalLM.from_pretrained(str(converted_folder(SMOLLM2)), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_nnsight(smollm2_hf, smollm2_tokenizer):
+    from toolkit.backends import make_backend
+    return make_backend(smollm2_hf, smollm2_tokenizer, backend="nnsight", model_id="smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tl(smollm2_hf, smollm2_tokenizer):
+    from toolkit.backends import make_backend
+    return make_backend(smollm2_hf, smollm2_tokenizer, backend="transformer_lens", model_id="smollm2-135m")

@@ -1,0 +1,73 @@
+"""Backends: one small interface (:class:`Backend`) over TransformerLens and nnsight.
+
+Example:
+    >>> from toolkit.backends import make_backend
+    >>> from toolkit.models.tiny import tiny_hf_model
+    >>> make_backend(tiny_hf_model("mamba"), tokenizer=None).name
+    'nnsight'
+"""
+from __future__ import annotations
+
+from toolkit.backends.base import Backend, ModelInfo
+from toolkit.models.architectures import spec_for
+
+BACKENDS = ("transformer_lens", "nnsight")
+_ALIASES = {"tl": "transformer_lens", "transformerlens": "transformer_lens", "transformer-lens": "transformer_lens",
+            "transformer_lens": "transformer_lens", "nnsight": "nnsight"}
+
+# Mamba has no position limit; this caps what we accept as one sequence.
+_UNBOUNDED_CTX = 1 << 20
+
+
+def model_info(hf_model, model_id: str) -> ModelInfo:
+    """Facts about a HF causal LM, read from its config and module tree."""
+    spec = spec_for(hf_model)
+    config = hf_model.config
+    d_model = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
+    n_ctx = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or _UNBOUNDED_CTX
+    return ModelInfo(model_id=model_id, architecture=spec.family, n_layers=len(spec.blocks(hf_model)),
+                     d_model=int(d_model), n_ctx=int(n_ctx), vocab_size=int(config.vocab_size))
+
+
+def resolve_backend_name(backend: str | None, hf_model) -> str:
+    """``backend`` normalised, or the default for the architecture (TL for GPT-2/Pythia, else nnsight)."""
+    if backend is None:
+        return "transformer_lens" if spec_for(hf_model).tl_backend_default else "nnsight"
+    key = _ALIASES.get(str(backend).lower())
+    if key is None:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
+    return key
+
+
+def make_backend(model, tokenizer=None, backend: str | None = None, model_id: str | None = None) -> Backend:
+    """Wrap a model the user already has: a HF causal LM, an ``nnsight.NNsight`` /
+    ``nnsight`` language model, or a TransformerLens ``TransformerBridge``."""
+    from toolkit.backends.nnsight_backend import NNsightBackend
+    from toolkit.backends.transformer_lens_backend import TransformerLensBackend
+
+    if isinstance(model, Backend):
+        return model
+    kind = type(model).__name__
+    bridge = traced = None
+    if kind == "HookedTransformer":
+        raise TypeError("HookedTransformer (TransformerLens 3.x) applies weight processing and holds no HF "
+                        "model; pass the HF model or a TransformerBridge (TransformerLens 4) instead.")
+    if hasattr(model, "original_model") and hasattr(model, "run_with_hooks"):  # TransformerBridge
+        bridge, hf_model = model, model.original_model
+        tokenizer = tokenizer or getattr(model, "tokenizer", None)
+        backend = backend or "transformer_lens"
+    elif hasattr(model, "_module") and hasattr(model, "trace"):  # nnsight wrapper (NNsight, LanguageModel)
+        traced, hf_model = model, model._module
+        tokenizer = tokenizer or getattr(model, "tokenizer", None)
+        backend = backend or "nnsight"
+    else:
+        hf_model = model
+    model_id = model_id or getattr(hf_model.config, "_name_or_path", "") or kind
+    info = model_info(hf_model, model_id)
+    name = resolve_backend_name(backend, hf_model)
+    if name == "nnsight":
+        return NNsightBackend(hf_model, tokenizer, info, traced=traced)
+    return TransformerLensBackend(hf_model, tokenizer, info, bridge=bridge)
+
+
+__all__ = ["Backend", "ModelInfo", "BACKENDS", "make_backend", "model_info", "resolve_backend_name"]

@@ -1,0 +1,66 @@
+"""The nnsight backend: hidden states and patches through ``nnsight.NNsight`` traces.
+
+nnsight serves Mamba and Llama/Qwen/Gemma by default (TransformerLens serves GPT-2 and
+Pythia), and can serve every architecture in :mod:`toolkit.models.architectures`.
+
+Example:
+    >>> from toolkit.models.tiny import tiny_hf_model
+    >>> from toolkit.backends import make_backend
+    >>> model = make_backend(tiny_hf_model("llama"), tokenizer=None, backend="nnsight")
+    >>> model.hidden_states(torch.randint(0, 512, (1, 5))).shape
+    torch.Size([3, 1, 5, 64])
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from nnsight import NNsight
+from torch import Tensor
+
+from toolkit.backends.base import Backend, ModelInfo, normalize_patch
+from toolkit.models.architectures import spec_for
+
+
+class NNsightBackend(Backend):
+    name = "nnsight"
+
+    def __init__(self, hf_model, tokenizer, info: ModelInfo, traced: NNsight | None = None):
+        super().__init__(hf_model, tokenizer, info)
+        self.traced = traced if traced is not None else NNsight(hf_model)
+        self._blocks_path = spec_for(hf_model).blocks_path().split(".")
+
+    def _traced_blocks(self):
+        # Envoys must be reached through the NNsight wrapper, not the raw modules.
+        node = self.traced
+        for part in self._blocks_path:
+            node = getattr(node, part)
+        return node
+
+    def hidden_states(self, input_ids: Tensor, layers: Sequence[int] | None = None) -> Tensor:
+        input_ids = self.check_tokens(input_ids)
+        layers = list(range(self.n_layers + 1)) if layers is None else [self.check_boundary(l) for l in layers]
+        blocks = self._traced_blocks()
+        saved: dict[int, Tensor] = {}
+        with torch.no_grad(), self.traced.trace(input_ids):
+            # nnsight 0.8 requires modules to be visited in execution order.
+            for l in sorted(set(layers)):
+                saved[l] = (blocks[0].input if l == 0 else blocks[l - 1].output).save()
+        return torch.stack([saved[l] for l in layers])
+
+    def run_with_patch(self, input_ids: Tensor, layer: int, positions: Tensor, values: Tensor) -> Tensor:
+        input_ids = self.check_tokens(input_ids)
+        self.check_boundary(layer)
+        positions, values = normalize_patch(positions, values, input_ids.shape[0], self.d_model)
+        rows = torch.arange(input_ids.shape[0], device=self.device)[:, None].expand_as(positions)
+        positions, values = positions.to(self.device), values.to(self.device, self.dtype)
+        blocks = self._traced_blocks()
+        with torch.no_grad(), self.traced.trace(input_ids):
+            if layer == self.n_layers:
+                # h_L feeds the final norm, which is not a block: patch the last block's output.
+                target = blocks[layer - 1].output
+            else:
+                target = blocks[layer].input
+            target[rows, positions] = values
+            out = self.traced.output.save()
+        return out.logits if hasattr(out, "logits") else out[0]

@@ -1,0 +1,65 @@
+"""The TransformerLens backend: ``TransformerBridge`` hooks on the raw HF model.
+
+``TransformerBridge`` (TransformerLens 4, successor of ``HookedTransformer``) wraps the
+HF model without weight processing, so the residual-stream geometry is the model's own
+(folding LayerNorm or centring writing weights would change it). Boundary ``l < L`` is the
+hook ``blocks.{l}.hook_resid_pre``; boundary ``L`` is ``blocks.{L-1}.hook_resid_post``.
+
+Example:
+    >>> from toolkit.models.tiny import tiny_hf_model
+    >>> from toolkit.backends import make_backend
+    >>> model = make_backend(tiny_hf_model("gpt2"), tokenizer=my_tokenizer, backend="transformer_lens")  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from toolkit.backends.base import Backend, ModelInfo, normalize_patch
+
+
+class TransformerLensBackend(Backend):
+    name = "transformer_lens"
+
+    def __init__(self, hf_model, tokenizer, info: ModelInfo, bridge=None):
+        super().__init__(hf_model, tokenizer, info)
+        if bridge is None:
+            from transformer_lens.model_bridge import TransformerBridge
+            if tokenizer is None:
+                raise ValueError("the TransformerLens backend needs a tokenizer (TransformerBridge otherwise "
+                                 "tries to download one); pass tokenizer=...")
+            # The name only picks TL's defaults; architecture and weights come from hf_model.
+            bridge = TransformerBridge.boot_transformers(info.model_id, hf_model=hf_model, tokenizer=tokenizer,
+                                                         device=str(self.device), dtype=self.dtype)
+        self.bridge = bridge
+
+    def hook_name(self, layer: int) -> str:
+        """TransformerLens hook that carries boundary ``layer``."""
+        self.check_boundary(layer)
+        if layer == self.n_layers:
+            return f"blocks.{layer - 1}.hook_resid_post"
+        return f"blocks.{layer}.hook_resid_pre"
+
+    def hidden_states(self, input_ids: Tensor, layers: Sequence[int] | None = None) -> Tensor:
+        input_ids = self.check_tokens(input_ids)
+        layers = list(range(self.n_layers + 1)) if layers is None else [self.check_boundary(l) for l in layers]
+        names = {self.hook_name(l) for l in layers}
+        with torch.no_grad():
+            _, cache = self.bridge.run_with_cache(input_ids, names_filter=lambda n: n in names)
+        return torch.stack([cache[self.hook_name(l)] for l in layers])
+
+    def run_with_patch(self, input_ids: Tensor, layer: int, positions: Tensor, values: Tensor) -> Tensor:
+        input_ids = self.check_tokens(input_ids)
+        positions, values = normalize_patch(positions, values, input_ids.shape[0], self.d_model)
+        rows = torch.arange(input_ids.shape[0], device=self.device)[:, None].expand_as(positions)
+        positions, values = positions.to(self.device), values.to(self.device, self.dtype)
+
+        def replace(resid: Tensor, hook) -> Tensor:
+            resid = resid.clone()
+            resid[rows, positions] = values
+            return resid
+
+        with torch.no_grad():
+            return self.bridge.run_with_hooks(input_ids, fwd_hooks=[(self.hook_name(layer), replace)])

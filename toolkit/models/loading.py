@@ -1,0 +1,104 @@
+"""``load_model``: one entry point from a name, a folder or a model object to a :class:`Backend`.
+
+Example:
+    >>> import toolkit
+    >>> model = toolkit.load_model()                       # SmolLM2-135M, offline  # doctest: +SKIP
+    >>> model = toolkit.load_model("gpt2")                 # hub, TransformerLens   # doctest: +SKIP
+    >>> model = toolkit.load_model("./my-llama", backend="tl")                     # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import torch
+
+from toolkit.backends import Backend, make_backend
+from toolkit.models.registry import DEFAULT_MODEL, find_entry, known_ids
+from toolkit.models.weights import converted_folder
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}.")
+    return _DTYPES[dtype]
+
+
+def _from_folder(folder: Path, dtype: torch.dtype, device: str):
+    return _from_folder_or_hub(str(folder), dtype, device, local_only=True)
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """False when HF_HUB_OFFLINE is set or the hub's host does not answer within ``timeout`` s."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _from_hub(hub_id: str, dtype: torch.dtype, device: str):
+    # Without a hub, read only the local cache: transformers would otherwise retry for ~45 s.
+    local_only = not hub_reachable()
+    try:
+        return _from_folder_or_hub(hub_id, dtype, device, local_only)
+    except OSError as err:
+        raise OSError(f"could not load {hub_id!r} from the Hugging Face hub: it is not in the local cache and "
+                      f"the hub cannot be reached (or HF_HUB_OFFLINE=1 is set). Download it where you have a "
+                      f"network (`huggingface-cli download {hub_id} --local-dir DIR`) and pass the folder: "
+                      f"load_model('DIR'). Offline models here: smollm2-135m, gemma-3-270m.") from err
+
+
+def _from_folder_or_hub(name: str, dtype: torch.dtype, device: str, local_only: bool = False):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
+    hf_model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local_only).to(device).eval()
+    return hf_model, tokenizer
+
+
+def load_model(name_or_path=DEFAULT_MODEL, backend: str | None = None, dtype: str | torch.dtype | None = None,
+               device: str | None = None) -> Backend:
+    """Load a model and wrap it in the backend that serves it.
+
+    Args:
+        name_or_path: a registry name (``python -m toolkit models`` lists them), a hub id, a local
+            folder saved with ``save_pretrained``, or a model object (HF, nnsight, TransformerBridge).
+        backend: ``"transformer_lens"`` (alias ``"tl"``) or ``"nnsight"``; default by architecture.
+        dtype: ``float32`` (default), ``bfloat16`` or ``float16``.
+        device: default ``cuda`` when available, else ``cpu``.
+
+    Example:
+        >>> model = load_model("smollm2-135m", backend="tl")     # doctest: +SKIP
+        >>> model.n_layers, model.d_model                         # doctest: +SKIP
+        (30, 576)
+    """
+    if not isinstance(name_or_path, (str, Path)):
+        return make_backend(name_or_path, backend=backend)
+    torch_dtype = resolve_dtype(dtype)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    name = str(name_or_path)
+    entry = find_entry(name)
+    if Path(name).expanduser().is_dir():
+        hf_model, tokenizer = _from_folder(Path(name).expanduser(), torch_dtype, device)
+        model_id = str(Path(name).expanduser().resolve())
+    elif entry is not None and entry.pip_source is not None:
+        hf_model, tokenizer = _from_folder(converted_folder(entry.pip_source), torch_dtype, device)
+        model_id = entry.name
+    elif entry is not None or "/" in name:
+        hub_id = entry.hub_id if entry else name
+        hf_model, tokenizer = _from_hub(hub_id, torch_dtype, device)
+        model_id = entry.name if entry else name
+    else:
+        raise ValueError(f"unknown model id {name!r}. Known ids: {', '.join(known_ids())}. "
+                         f"Hub ids (org/name) and local folders are accepted too.")
+    return make_backend(hf_model, tokenizer, backend=backend, model_id=model_id)
