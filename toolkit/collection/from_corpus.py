@@ -1,0 +1,37 @@
+"""From a corpus to collected hidden states: chunk, split by text, sample positions, collect.
+
+This is the paper's setup (appendix A.2) in one call: fixed-length texts, a train/test split
+by text, a few seeded positions per text.
+
+Example:
+    >>> import toolkit
+    >>> from toolkit.collection.from_corpus import collect_from_corpus
+    >>> model = toolkit.load_model()                                          # doctest: +SKIP
+    >>> train, test = collect_from_corpus(model, "wikitext-test", n_train=100, n_test=20)  # doctest: +SKIP
+    >>> X, Y = train.pairs(10)                                                 # doctest: +SKIP
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from toolkit.backends.base import Backend
+from toolkit.collection.pairs import CollectedStates, collect_hidden_states
+from toolkit.data import Corpus, chunk_corpus, load_corpus, sample_positions, split_texts
+
+
+def collect_from_corpus(model: Backend, corpus: str | Corpus = "embedded", *, n_train: int = 2000,
+                        n_test: int = 500, seq_len: int = 192, per_text: int = 8, layers: Sequence[int] | None = None,
+                        seed: int = 0, batch_size: int = 8, progress: bool = True,
+                        use_cache: bool = True) -> tuple[CollectedStates, CollectedStates]:
+    """Collect train and test hidden states (separate texts) for the pairs of blocks ``layers``."""
+    corpus = load_corpus(corpus) if isinstance(corpus, str) else corpus
+    # All texts, so the seeded split draws from the whole corpus rather than its first documents.
+    texts = chunk_corpus(corpus, model.tokenizer, seq_len=seq_len, n_ctx=model.n_ctx)
+    train_texts, test_texts = split_texts(texts, n_train, n_test, seed=seed)
+    out = []
+    for part, tokens in (("train", train_texts.tokens), ("test", test_texts.tokens)):
+        # Different seeds per part so train and test positions are drawn independently.
+        positions = sample_positions(tokens.shape[0], seq_len, per_text=per_text, seed=seed + (part == "test"))
+        out.append(collect_hidden_states(model, tokens, positions, layers=layers, batch_size=batch_size,
+                                         progress=progress, use_cache=use_cache))
+    return out[0], out[1]
