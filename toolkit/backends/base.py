@@ -130,7 +130,6 @@ class Backend(ABC):
     def hidden_states(self, input_ids: Tensor, layers: Sequence[int] | None = None) -> Tensor:
         """Residual stream at the chosen boundaries (default all): ``[len(layers), batch, seq, d_model]``."""
 
-    @abstractmethod
     def run_with_patch(self, input_ids: Tensor, layer: int, positions: Tensor, values: Tensor) -> Tensor:
         """Logits ``[batch, seq, vocab]`` after replacing ``h_layer`` at ``positions`` with ``values``.
 
@@ -138,6 +137,19 @@ class Backend(ABC):
         is ``[batch, n, d_model]`` (or ``[batch, d_model]``). Row ``b`` of the batch has
         ``h_layer[b, positions[b, j]]`` replaced by ``values[b, j]``, and every later layer
         sees the replacement.
+        """
+        input_ids = self.check_tokens(input_ids)
+        positions, values = normalize_patch(positions, values, input_ids.shape[0], self.d_model)
+        rows = torch.arange(input_ids.shape[0])[:, None].expand_as(positions)
+        return self.run_with_patches(input_ids, [Patch(layer, rows.reshape(-1), positions.reshape(-1),
+                                                       values.reshape(-1, self.d_model))])
+
+    @abstractmethod
+    def run_with_patches(self, input_ids: Tensor, patches: Sequence["Patch"], **forward_kwargs) -> Tensor:
+        """Logits after applying several patches, possibly at different boundaries, in one pass.
+
+        Each :class:`Patch` replaces ``h_layer[rows[i], positions[i]]`` with ``values[i]``.
+        ``forward_kwargs`` go to the HF forward (e.g. ``past_key_values`` for cached steps).
         """
 
     def logits(self, input_ids: Tensor) -> Tensor:
@@ -175,6 +187,19 @@ class Backend(ABC):
         if softcap:
             out = torch.tanh(out / softcap) * softcap
         return out
+
+
+@dataclass
+class Patch:
+    """Replace ``h_layer[rows[i], positions[i]]`` by ``values[i]`` (rows, positions: [n]; values: [n, d])."""
+
+    layer: int
+    rows: Tensor
+    positions: Tensor
+    values: Tensor
+
+    def on(self, device: torch.device, dtype: torch.dtype) -> "Patch":
+        return Patch(self.layer, self.rows.to(device), self.positions.to(device), self.values.to(device, dtype))
 
 
 def normalize_patch(positions: Tensor, values: Tensor, batch: int, d_model: int) -> tuple[Tensor, Tensor]:

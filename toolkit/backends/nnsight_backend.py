@@ -18,7 +18,7 @@ import torch
 from nnsight import NNsight
 from torch import Tensor
 
-from toolkit.backends.base import Backend, ModelInfo, normalize_patch
+from toolkit.backends.base import Backend, ModelInfo, Patch
 from toolkit.models.architectures import spec_for
 
 
@@ -48,19 +48,19 @@ class NNsightBackend(Backend):
                 saved[l] = (blocks[0].input if l == 0 else blocks[l - 1].output).save()
         return torch.stack([saved[l] for l in layers])
 
-    def run_with_patch(self, input_ids: Tensor, layer: int, positions: Tensor, values: Tensor) -> Tensor:
+    def run_with_patches(self, input_ids: Tensor, patches: Sequence[Patch], **forward_kwargs) -> Tensor:
         input_ids = self.check_tokens(input_ids)
-        self.check_boundary(layer)
-        positions, values = normalize_patch(positions, values, input_ids.shape[0], self.d_model)
-        rows = torch.arange(input_ids.shape[0], device=self.device)[:, None].expand_as(positions)
-        positions, values = positions.to(self.device), values.to(self.device, self.dtype)
+        patches = sorted((p.on(self.device, self.dtype) for p in patches), key=lambda p: p.layer)
         blocks = self._traced_blocks()
-        with torch.no_grad(), self.traced.trace(input_ids):
-            if layer == self.n_layers:
-                # h_L feeds the final norm, which is not a block: patch the last block's output.
-                target = blocks[layer - 1].output
-            else:
-                target = blocks[layer].input
-            target[rows, positions] = values
+        with torch.no_grad(), self.traced.trace(input_ids, **forward_kwargs):
+            # Ascending layers: nnsight 0.8 visits modules in execution order.
+            for patch in patches:
+                self.check_boundary(patch.layer)
+                if patch.layer == self.n_layers:
+                    # h_L feeds the final norm, which is not a block: patch the last block's output.
+                    target = blocks[patch.layer - 1].output
+                else:
+                    target = blocks[patch.layer].input
+                target[patch.rows, patch.positions] = patch.values
             out = self.traced.output.save()
         return out.logits if hasattr(out, "logits") else out[0]

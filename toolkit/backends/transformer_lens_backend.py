@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from toolkit.backends.base import Backend, ModelInfo, normalize_patch
+from toolkit.backends.base import Backend, ModelInfo, Patch
 
 
 class TransformerLensBackend(Backend):
@@ -50,16 +50,17 @@ class TransformerLensBackend(Backend):
             _, cache = self.bridge.run_with_cache(input_ids, names_filter=lambda n: n in names)
         return torch.stack([cache[self.hook_name(l)] for l in layers])
 
-    def run_with_patch(self, input_ids: Tensor, layer: int, positions: Tensor, values: Tensor) -> Tensor:
+    def run_with_patches(self, input_ids: Tensor, patches: Sequence[Patch], **forward_kwargs) -> Tensor:
         input_ids = self.check_tokens(input_ids)
-        positions, values = normalize_patch(positions, values, input_ids.shape[0], self.d_model)
-        rows = torch.arange(input_ids.shape[0], device=self.device)[:, None].expand_as(positions)
-        positions, values = positions.to(self.device), values.to(self.device, self.dtype)
+        hooks = []
+        for patch in patches:
+            patch = patch.on(self.device, self.dtype)
 
-        def replace(resid: Tensor, hook) -> Tensor:
-            resid = resid.clone()
-            resid[rows, positions] = values
-            return resid
+            def replace(resid: Tensor, hook, patch: Patch = patch) -> Tensor:
+                resid = resid.clone()
+                resid[patch.rows, patch.positions] = patch.values
+                return resid
 
+            hooks.append((self.hook_name(patch.layer), replace))
         with torch.no_grad():
-            return self.bridge.run_with_hooks(input_ids, fwd_hooks=[(self.hook_name(layer), replace)])
+            return self.bridge.run_with_hooks(input_ids, fwd_hooks=hooks, **forward_kwargs)
