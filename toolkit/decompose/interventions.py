@@ -1,0 +1,99 @@
+"""Interventions: replace ``h_b`` at one position, propagate, and measure the output change.
+
+For a test anchor (text, position p) and a boundary b, the intervention replaces
+``h_b[p]`` by a given vector (for the decomposition: ``T(h_{b-1})``, the tokenwise map's
+prediction) and runs the remaining layers. The output change is
+``KL(P_orig || P_patched)`` of the next-token distribution at p (or averaged over p and all
+later positions with ``positions="later"``).
+
+The fast path never recomputes what cannot change: the prefix ``[0, p)`` of each text is
+processed once (a cache per sampled position, see :mod:`toolkit.backends.incremental`), and
+all boundaries' interventions at p run together as one batch of single-token steps, plus one
+unpatched row for ``P_orig``. :func:`patched_kl_plain` is the plain reference (one full
+forward per intervention) that tests and benchmarks compare against.
+
+Example:
+    >>> values = {11: predicted_h11}          # [n_texts * per_text, d_model], rows as in CollectedStates
+    >>> kl = patched_kl(model, tokens, positions, values)   # {11: [n_texts * per_text]}  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+from typing import Literal, Mapping
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from toolkit.backends.base import Backend, Patch
+from toolkit.backends.incremental import cache_kwargs, prefix_caches, repeat_cache
+
+
+def kl_divergence(logits_p: Tensor, logits_q: Tensor) -> Tensor:
+    """``KL(P || Q)`` over the last dimension, from logits, in float64 for small values."""
+    logp = torch.log_softmax(logits_p.double(), dim=-1)
+    logq = torch.log_softmax(logits_q.double(), dim=-1)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def _check(model: Backend, tokens: Tensor, positions: Tensor, values: Mapping[int, Tensor]) -> None:
+    n_rows = positions.numel()
+    if tokens.ndim != 2 or positions.ndim != 2 or positions.shape[0] != tokens.shape[0]:
+        raise ValueError(f"tokens must be [n_texts, seq_len] and positions [n_texts, per_text]; got "
+                         f"{tuple(tokens.shape)} and {tuple(positions.shape)}.")
+    for b, v in values.items():
+        model.check_boundary(b)
+        if b == 0:
+            raise ValueError("boundary 0 (the embeddings) has no block before it to replace; use b >= 1.")
+        if v.shape != (n_rows, model.d_model):
+            raise ValueError(f"values for boundary {b} must be [{n_rows}, {model.d_model}] (one row per sampled "
+                             f"position), got {tuple(v.shape)}.")
+
+
+def patched_kl(model: Backend, tokens: Tensor, positions: Tensor, values: Mapping[int, Tensor],
+               kl_positions: Literal["next", "later"] = "next", progress: bool = True) -> dict[int, Tensor]:
+    """KL of the output after each replacement, by the cached fast path.
+
+    Args:
+        tokens: ``[n_texts, seq_len]``; positions: ``[n_texts, per_text]`` sorted ascending per text.
+        values: boundary ``b`` -> ``[n_texts * per_text, d_model]`` replacement for ``h_b`` at each row.
+        kl_positions: ``"next"`` (the patched position's next-token distribution) or ``"later"``
+            (mean KL over the patched position and every later one).
+    Returns:
+        boundary -> ``[n_texts * per_text]`` KL in nats (float64).
+    """
+    _check(model, tokens, positions, values)
+    boundaries = sorted(values)
+    n_texts, per_text = positions.shape
+    out = {b: torch.zeros(n_texts * per_text, dtype=torch.float64) for b in boundaries}
+    n_rows = len(boundaries) + 1  # row 0 stays unpatched: it gives P_orig from the same cache
+    for t in tqdm(range(n_texts), desc="interventions", disable=not progress, unit="text"):
+        cuts = positions[t].tolist()
+        caches = prefix_caches(model, tokens[t:t + 1], cuts)
+        for j, p in enumerate(cuts):
+            row = t * per_text + j
+            end = p + 1 if kl_positions == "next" else tokens.shape[1]
+            segment = tokens[t:t + 1, p:end].expand(n_rows, -1)
+            patches = [Patch(b, torch.tensor([i + 1]), torch.tensor([0]), values[b][row:row + 1])
+                       for i, b in enumerate(boundaries)]
+            logits = model.run_with_patches(segment, patches, **cache_kwargs(model, repeat_cache(caches[j], n_rows)))
+            kl = kl_divergence(logits[:1], logits[1:]).mean(dim=-1)     # [n_boundaries]
+            for i, b in enumerate(boundaries):
+                out[b][row] = kl[i]
+    return out
+
+
+def patched_kl_plain(model: Backend, tokens: Tensor, positions: Tensor, values: Mapping[int, Tensor],
+                     kl_positions: Literal["next", "later"] = "next") -> dict[int, Tensor]:
+    """The same numbers as :func:`patched_kl`, with one full forward per intervention (reference)."""
+    _check(model, tokens, positions, values)
+    n_texts, per_text = positions.shape
+    out = {b: torch.zeros(n_texts * per_text, dtype=torch.float64) for b in values}
+    for t in range(n_texts):
+        base = model.logits(tokens[t:t + 1])
+        for j, p in enumerate(positions[t].tolist()):
+            row = t * per_text + j
+            end = p + 1 if kl_positions == "next" else tokens.shape[1]
+            for b, v in values.items():
+                patched = model.run_with_patch(tokens[t:t + 1], b, torch.tensor([p]), v[row:row + 1])
+                out[b][row] = kl_divergence(base[0, p:end], patched[0, p:end]).mean()
+    return out
