@@ -67,3 +67,39 @@ def repeat_cache(cache, n: int):
             for name, value in vars(layer).items():
                 setattr(layer, name, _repeat_states(value, n, 1))
     return cache
+
+
+def full_cache_supported(model: Backend, seq_len: int, n_queries: int) -> bool:
+    """Whether :func:`sampled_tokens_kwargs` applies: an attention model whose cache keeps every
+    position (no sliding window shorter than the text plus the queries)."""
+    if model.info.architecture == "mamba":
+        return False
+    window = getattr(model.hf_model.config, "sliding_window", None)
+    return window is None or seq_len + n_queries <= window
+
+
+def full_cache(model: Backend, input_ids: Tensor):
+    """The cache after processing the whole text (batch 1)."""
+    from toolkit.models.architectures import spec_for
+    base = spec_for(model.hf_model).base(model.hf_model)  # no logits needed: skip the unembedding
+    with torch.no_grad():
+        return base(model.check_tokens(input_ids), use_cache=True).past_key_values
+
+
+def sampled_tokens_kwargs(model: Backend, cache, seq_len: int, positions: Tensor, n_rows: int) -> dict:
+    """Forward kwargs to re-run the tokens at ``positions`` as new queries against a full-text cache.
+
+    Query ``j`` sees cached keys ``[0, positions[j])`` and itself, never the other queries, with
+    its own position id; so one call re-computes every sampled position of a text at once, and a
+    patch at query ``j`` affects only query ``j``, exactly as in a full forward.
+    """
+    n_q = positions.numel()
+    keys = torch.arange(seq_len + n_q, device=model.device)
+    pos = positions.to(model.device)[:, None]
+    allowed = (keys[None, :] < pos) | (keys[None, :] == seq_len + torch.arange(n_q, device=model.device)[:, None])
+    mask = torch.zeros(allowed.shape, dtype=model.dtype, device=model.device)
+    mask = mask.masked_fill(~allowed, torch.finfo(model.dtype).min)[None, None].expand(n_rows, 1, n_q, -1)
+    layer_types = getattr(model.hf_model.config, "layer_types", None)
+    attention_mask = {t: mask for t in set(layer_types)} if layer_types else mask
+    return {"past_key_values": repeat_cache(cache, n_rows), "use_cache": True, "attention_mask": attention_mask,
+            "position_ids": pos.T.expand(n_rows, -1)}

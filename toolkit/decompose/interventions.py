@@ -6,10 +6,13 @@ prediction) and runs the remaining layers. The output change is
 ``KL(P_orig || P_patched)`` of the next-token distribution at p (or averaged over p and all
 later positions with ``positions="later"``).
 
-The fast path never recomputes what cannot change: the prefix ``[0, p)`` of each text is
-processed once (a cache per sampled position, see :mod:`toolkit.backends.incremental`), and
-all boundaries' interventions at p run together as one batch of single-token steps, plus one
-unpatched row for ``P_orig``. :func:`patched_kl_plain` is the plain reference (one full
+The fast path never recomputes what cannot change: positions before p are read from a
+cache. For attention models each text is run once to fill a cache, then every sampled
+position of the text is re-run as a query against it (a mask hides later keys), with one batch
+row per boundary and one unpatched row for ``P_orig``: one call per text. For Mamba (a
+recurrent state cannot hide later positions) and for ``kl_positions="later"`` the prefix
+``[0, p)`` is processed once per text with a cache copied at each sampled position, and each
+position's interventions run as one batch of steps (see :mod:`toolkit.backends.incremental`). :func:`patched_kl_plain` is the plain reference (one full
 forward per intervention) that tests and benchmarks compare against.
 
 Example:
@@ -25,7 +28,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from toolkit.backends.base import Backend, Patch
-from toolkit.backends.incremental import cache_kwargs, prefix_caches, repeat_cache
+from toolkit.backends.incremental import (cache_kwargs, full_cache, full_cache_supported, prefix_caches,
+                                          repeat_cache, sampled_tokens_kwargs)
 
 
 def kl_divergence(logits_p: Tensor, logits_q: Tensor) -> Tensor:
@@ -66,7 +70,22 @@ def patched_kl(model: Backend, tokens: Tensor, positions: Tensor, values: Mappin
     n_texts, per_text = positions.shape
     out = {b: torch.zeros(n_texts * per_text, dtype=torch.float64) for b in boundaries}
     n_rows = len(boundaries) + 1  # row 0 stays unpatched: it gives P_orig from the same cache
+    all_at_once = kl_positions == "next" and full_cache_supported(model, tokens.shape[1], per_text)
     for t in tqdm(range(n_texts), desc="interventions", disable=not progress, unit="text"):
+        rows = slice(t * per_text, (t + 1) * per_text)
+        if all_at_once:
+            # One call per text: every sampled position is a query against the full-text cache.
+            kwargs = sampled_tokens_kwargs(model, full_cache(model, tokens[t:t + 1]), tokens.shape[1], positions[t],
+                                           n_rows)
+            queries = tokens[t, positions[t]][None].expand(n_rows, -1)
+            every_query = torch.arange(per_text)
+            patches = [Patch(b, torch.full((per_text,), i + 1), every_query, values[b][rows])
+                       for i, b in enumerate(boundaries)]
+            logits = model.run_with_patches(queries, patches, **kwargs)          # [n_rows, per_text, vocab]
+            kl = kl_divergence(logits[:1], logits[1:])                            # [n_boundaries, per_text]
+            for i, b in enumerate(boundaries):
+                out[b][rows] = kl[i]
+            continue
         cuts = positions[t].tolist()
         caches = prefix_caches(model, tokens[t:t + 1], cuts)
         for j, p in enumerate(cuts):
