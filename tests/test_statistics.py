@@ -1,0 +1,38 @@
+import numpy as np
+import pytest
+from scipy import stats
+
+from toolkit.decompose.statistics import regimes, spearman_with_ci
+
+
+def test_spearman_matches_scipy_and_interval_covers():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=300)
+    y = x + rng.normal(size=300)
+    r = spearman_with_ci(x, y, n_boot=500)
+    assert r.rho == pytest.approx(stats.spearmanr(x, y).statistic)
+    assert r.ci_low < r.rho < r.ci_high and r.ci_high - r.ci_low < 0.3
+    assert r.p_value < 1e-10 and r.n == 300
+
+
+def test_spearman_independent_data_has_interval_around_zero():
+    rng = np.random.default_rng(4)
+    r = spearman_with_ci(rng.normal(size=400), rng.normal(size=400), n_boot=500)
+    assert r.ci_low < 0 < r.ci_high and r.p_value > 0.01
+
+
+def test_spearman_bad_input():
+    with pytest.raises(ValueError, match="at least 3 anchors"):
+        spearman_with_ci([1, 2], [1, 2])
+    with pytest.raises(ValueError, match="same length"):
+        spearman_with_ci([1, 2, 3], [1, 2])
+
+
+def test_regimes_split_into_tertiles():
+    rng = np.random.default_rng(5)
+    err = rng.random(90)
+    rows = regimes(err, err ** 2)
+    assert [r["regime"] for r in rows] == ["low", "mid", "high"]
+    assert sum(r["n"] for r in rows) == 90
+    assert rows[0]["rel_err"] < rows[1]["rel_err"] < rows[2]["rel_err"]
+    assert all(r["rho"] == pytest.approx(1.0) for r in rows)
