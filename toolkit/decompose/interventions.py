@@ -21,7 +21,7 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Literal, Mapping
+from typing import Hashable, Literal, Mapping
 
 import torch
 from torch import Tensor
@@ -39,13 +39,18 @@ def kl_divergence(logits_p: Tensor, logits_q: Tensor) -> Tensor:
     return (logp.exp() * (logp - logq)).sum(-1)
 
 
-def _check(model: Backend, tokens: Tensor, positions: Tensor, values: Mapping[int, Tensor]) -> None:
+def boundary_of(key: Hashable) -> int:
+    """Keys of ``values`` are a boundary, or a tuple whose last item is the boundary (``("mlp", 11)``)."""
+    return key if isinstance(key, int) else key[-1]
+
+
+def _check(model: Backend, tokens: Tensor, positions: Tensor, values: Mapping[Hashable, Tensor]) -> None:
     n_rows = positions.numel()
     if tokens.ndim != 2 or positions.ndim != 2 or positions.shape[0] != tokens.shape[0]:
         raise ValueError(f"tokens must be [n_texts, seq_len] and positions [n_texts, per_text]; got "
                          f"{tuple(tokens.shape)} and {tuple(positions.shape)}.")
-    for b, v in values.items():
-        model.check_boundary(b)
+    for key, v in values.items():
+        b = model.check_boundary(boundary_of(key))
         if b == 0:
             raise ValueError("boundary 0 (the embeddings) has no block before it to replace; use b >= 1.")
         if v.shape != (n_rows, model.d_model):
@@ -53,51 +58,59 @@ def _check(model: Backend, tokens: Tensor, positions: Tensor, values: Mapping[in
                              f"position), got {tuple(v.shape)}.")
 
 
-def patched_kl(model: Backend, tokens: Tensor, positions: Tensor, values: Mapping[int, Tensor],
-               kl_positions: Literal["next", "later"] = "next", progress: bool = True) -> dict[int, Tensor]:
+def patched_kl(model: Backend, tokens: Tensor, positions: Tensor, values: Mapping[Hashable, Tensor],
+               kl_positions: Literal["next", "later"] = "next", max_rows: int = 32,
+               progress: bool = True) -> dict[Hashable, Tensor]:
     """KL of the output after each replacement, by the cached fast path.
 
     Args:
         tokens: ``[n_texts, seq_len]``; positions: ``[n_texts, per_text]`` sorted ascending per text.
-        values: boundary ``b`` -> ``[n_texts * per_text, d_model]`` replacement for ``h_b`` at each row.
+        values: key -> ``[n_texts * per_text, d_model]`` replacement for ``h_b`` at each row, where the
+            key is the boundary ``b`` or a tuple ending in it (several variants per boundary).
         kl_positions: ``"next"`` (the patched position's next-token distribution) or ``"later"``
             (mean KL over the patched position and every later one).
+        max_rows: interventions per forward call (bounds the memory of the repeated cache).
     Returns:
-        boundary -> ``[n_texts * per_text]`` KL in nats (float64).
+        key -> ``[n_texts * per_text]`` KL in nats (float64).
     """
     _check(model, tokens, positions, values)
-    boundaries = sorted(values)
+    keys = sorted(values, key=boundary_of)
     n_texts, per_text = positions.shape
-    out = {b: torch.zeros(n_texts * per_text, dtype=torch.float64) for b in boundaries}
-    n_rows = len(boundaries) + 1  # row 0 stays unpatched: it gives P_orig from the same cache
+    out = {key: torch.zeros(n_texts * per_text, dtype=torch.float64) for key in keys}
+    groups = [keys[i:i + max_rows] for i in range(0, len(keys), max_rows)]
     all_at_once = kl_positions == "next" and full_cache_supported(model, tokens.shape[1], per_text)
     for t in tqdm(range(n_texts), desc="interventions", disable=not progress, unit="text"):
         rows = slice(t * per_text, (t + 1) * per_text)
         if all_at_once:
-            # One call per text: every sampled position is a query against the full-text cache.
-            kwargs = sampled_tokens_kwargs(model, full_cache(model, tokens[t:t + 1]), tokens.shape[1], positions[t],
-                                           n_rows)
-            queries = tokens[t, positions[t]][None].expand(n_rows, -1)
+            # Every sampled position is a query against the full-text cache: one call per group.
+            cache = full_cache(model, tokens[t:t + 1])
             every_query = torch.arange(per_text)
-            patches = [Patch(b, torch.full((per_text,), i + 1), every_query, values[b][rows])
-                       for i, b in enumerate(boundaries)]
-            logits = model.run_with_patches(queries, patches, **kwargs)          # [n_rows, per_text, vocab]
-            kl = kl_divergence(logits[:1], logits[1:])                            # [n_boundaries, per_text]
-            for i, b in enumerate(boundaries):
-                out[b][rows] = kl[i]
+            for group in groups:
+                n_rows = len(group) + 1  # row 0 stays unpatched: it gives P_orig from the same cache
+                kwargs = sampled_tokens_kwargs(model, cache, tokens.shape[1], positions[t], n_rows)
+                queries = tokens[t, positions[t]][None].expand(n_rows, -1)
+                patches = [Patch(boundary_of(key), torch.full((per_text,), i + 1), every_query, values[key][rows])
+                           for i, key in enumerate(group)]
+                logits = model.run_with_patches(queries, patches, **kwargs)      # [n_rows, per_text, vocab]
+                kl = kl_divergence(logits[:1], logits[1:])                        # [len(group), per_text]
+                for i, key in enumerate(group):
+                    out[key][rows] = kl[i]
             continue
         cuts = positions[t].tolist()
         caches = prefix_caches(model, tokens[t:t + 1], cuts)
         for j, p in enumerate(cuts):
             row = t * per_text + j
             end = p + 1 if kl_positions == "next" else tokens.shape[1]
-            segment = tokens[t:t + 1, p:end].expand(n_rows, -1)
-            patches = [Patch(b, torch.tensor([i + 1]), torch.tensor([0]), values[b][row:row + 1])
-                       for i, b in enumerate(boundaries)]
-            logits = model.run_with_patches(segment, patches, **cache_kwargs(model, repeat_cache(caches[j], n_rows)))
-            kl = kl_divergence(logits[:1], logits[1:]).mean(dim=-1)     # [n_boundaries]
-            for i, b in enumerate(boundaries):
-                out[b][row] = kl[i]
+            for group in groups:
+                n_rows = len(group) + 1
+                segment = tokens[t:t + 1, p:end].expand(n_rows, -1)
+                patches = [Patch(boundary_of(key), torch.tensor([i + 1]), torch.tensor([0]), values[key][row:row + 1])
+                           for i, key in enumerate(group)]
+                logits = model.run_with_patches(segment, patches,
+                                                **cache_kwargs(model, repeat_cache(caches[j], n_rows)))
+                kl = kl_divergence(logits[:1], logits[1:]).mean(dim=-1)     # [len(group)]
+                for i, key in enumerate(group):
+                    out[key][row] = kl[i]
     return out
 
 
@@ -106,13 +119,13 @@ def patched_kl_plain(model: Backend, tokens: Tensor, positions: Tensor, values: 
     """The same numbers as :func:`patched_kl`, with one full forward per intervention (reference)."""
     _check(model, tokens, positions, values)
     n_texts, per_text = positions.shape
-    out = {b: torch.zeros(n_texts * per_text, dtype=torch.float64) for b in values}
+    out = {key: torch.zeros(n_texts * per_text, dtype=torch.float64) for key in values}
     for t in range(n_texts):
         base = model.logits(tokens[t:t + 1])
         for j, p in enumerate(positions[t].tolist()):
             row = t * per_text + j
             end = p + 1 if kl_positions == "next" else tokens.shape[1]
-            for b, v in values.items():
-                patched = model.run_with_patch(tokens[t:t + 1], b, torch.tensor([p]), v[row:row + 1])
-                out[b][row] = kl_divergence(base[0, p:end], patched[0, p:end]).mean()
+            for key, v in values.items():
+                patched = model.run_with_patch(tokens[t:t + 1], boundary_of(key), torch.tensor([p]), v[row:row + 1])
+                out[key][row] = kl_divergence(base[0, p:end], patched[0, p:end]).mean()
     return out

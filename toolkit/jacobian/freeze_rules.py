@@ -1,0 +1,327 @@
+"""Freeze rules: per module kind, how to detach its nonlinear factor without changing its value.
+
+Golden (2025, "Large Language Models are Locally Linear Mappings") makes a decoder an
+exactly linear function of its input embeddings by detaching, from autograd, every factor
+that depends nonlinearly on the input, while computing the same forward values:
+
+===================  ==========================================================================
+kind                 frozen form (``[·]`` = detached factor, taken from the :class:`FactorStore`)
+===================  ==========================================================================
+RMSNorm              ``w * x * [1/sqrt(mean(x²) + eps)]``  (Gemma: ``(1 + w)`` instead of ``w``)
+LayerNorm            ``(x - mean(x)) * [1/sqrt(var + eps)] * w + b``  (centring is linear: kept)
+activation           ``x * [act(x)/x]``: SiLU ``x·[σ(x)]``, GELU ``x·[Φ(x)]``, tanh-GELU ``x·[½(1+tanh…)]``
+gated MLP            ``down([act(gate(x))] * up(x))``  (SwiGLU / GeGLU: the whole gate is the factor)
+attention            queries and keys are detached at their projection, so the softmax pattern
+                     (rotary, QK-norm, logit softcap, masks included) is a constant and only
+                     ``V -> O`` stays in the graph; works for every attention implementation
+                     (eager, sdpa, flash) because the implementation itself is not touched
+Mamba mixer          ``Δ`` (through its softplus), ``B``, ``C`` = ``[x_proj(u)]``; the conv SiLU as
+                     ``u·[σ(u)]``; the output gate ``[silu(z)]``: the scan is linear in ``u``
+linear               modules that only add, project, reshape, embed or drop (in eval mode)
+===================  ==========================================================================
+
+Rules are keyed by the exact class (a subclass may override ``forward``, so it must be
+registered on its own). :data:`RULES` covers the six supported HF families (Llama, Qwen3,
+Gemma3, GPT-2, GPT-NeoX, Mamba); :func:`rule_for` returns ``None`` for anything else, and
+:mod:`toolkit.jacobian.freeze` stops with an error naming it.
+
+Each ``install`` function patches one module instance (an instance-level ``forward`` or a
+forward hook on a child) and returns the callables that undo it.
+
+Example:
+    >>> from torch import nn
+    >>> rule_for(nn.LayerNorm(4)).kind
+    'norm'
+    >>> rule_for(nn.Mish()) is None
+    True
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import activations as hf_act
+from transformers.models.gemma3 import modeling_gemma3 as gemma3
+from transformers.models.gpt2 import modeling_gpt2 as gpt2
+from transformers.models.gpt_neox import modeling_gpt_neox as neox
+from transformers.models.llama import modeling_llama as llama
+from transformers.models.mamba import modeling_mamba as mamba
+from transformers.models.qwen3 import modeling_qwen3 as qwen3
+from transformers.pytorch_utils import Conv1D
+
+from toolkit.jacobian.factors import FactorStore
+
+Undo = Callable[[], None]
+Install = Callable[[nn.Module, str, FactorStore], list[Undo]]
+
+
+class FreezeError(RuntimeError):
+    """A module cannot be frozen as asked (unsupported kind, configuration or call)."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one module kind is frozen: ``install(module, path, store) -> undo callables``."""
+
+    kind: str
+    install: Install | None  # None: the module is linear once its children are frozen
+    note: str
+
+
+def swap_forward(module: nn.Module, new_forward: Callable) -> Undo:
+    """Give ``module`` an instance-level ``forward``; the returned callable restores the old state.
+
+    Example:
+        >>> lin = nn.Linear(2, 2)
+        >>> undo = swap_forward(lin, lambda x: x)
+        >>> undo(); "forward" in vars(lin)
+        False
+    """
+    had_own = "forward" in vars(module)
+    old = vars(module).get("forward")
+
+    def undo() -> None:
+        if had_own:
+            module.forward = old
+        else:
+            vars(module).pop("forward", None)
+
+    module.forward = new_forward
+    return undo
+
+
+def _hook_output(child: nn.Module, fn: Callable[[Tensor], Tensor]) -> Undo:
+    """Replace ``child``'s output by ``fn(output)`` with a removable forward hook."""
+    handle = child.register_forward_hook(lambda _m, _args, out: fn(out))
+    return handle.remove
+
+
+# ----- norms ---------------------------------------------------------------------------------
+def _install_rmsnorm(m: nn.Module, path: str, store: FactorStore) -> list[Undo]:
+    # Llama/Qwen3/Mamba form: w * (x.float() * rsqrt(mean(x^2) + eps)).to(dtype), same op order.
+    def forward(hidden_states: Tensor) -> Tensor:
+        dtype = hidden_states.dtype
+        h = hidden_states.to(torch.float32)
+        scale = store.get(f"{path}:scale", lambda: torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + m.variance_epsilon))
+        return m.weight * (h * scale).to(dtype)
+    return [swap_forward(m, forward)]
+
+
+def _install_gemma_rmsnorm(m: nn.Module, path: str, store: FactorStore) -> list[Undo]:
+    # Gemma form: (x.float() * rsqrt(...)) * (1 + w.float()), cast back after the weight.
+    def forward(x: Tensor) -> Tensor:
+        h = x.float()
+        scale = store.get(f"{path}:scale", lambda: torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + m.eps))
+        return ((h * scale) * (1.0 + m.weight.float())).type_as(x)
+    return [swap_forward(m, forward)]
+
+
+def _install_layernorm(m: nn.LayerNorm, path: str, store: FactorStore) -> list[Undo]:
+    dims = tuple(range(-len(m.normalized_shape), 0))
+
+    def forward(x: Tensor) -> Tensor:
+        centred = x - x.mean(dims, keepdim=True)  # the mean subtraction is linear: it stays in the graph
+        scale = store.get(f"{path}:scale", lambda: torch.rsqrt(centred.pow(2).mean(dims, keepdim=True) + m.eps))
+        out = centred * scale
+        if m.weight is not None:
+            out = out * m.weight
+        if m.bias is not None:
+            out = out + m.bias
+        return out
+    return [swap_forward(m, forward)]
+
+
+# ----- elementwise activations: act(x) = x * gate(x) ------------------------------------------
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def _phi(x: Tensor) -> Tensor:  # exact GELU gate: the normal CDF
+    return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def _tanh_gelu_gate(x: Tensor) -> Tensor:
+    return 0.5 * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def _nn_gelu_gate(m: nn.GELU) -> Callable[[Tensor], Tensor]:
+    return _tanh_gelu_gate if m.approximate == "tanh" else _phi
+
+
+# Class -> (module -> gate function). The gate is the ratio act(x)/x, written without division.
+ACTIVATION_GATES: dict[type, Callable[[nn.Module], Callable[[Tensor], Tensor]]] = {
+    hf_act.SiLUActivation: lambda m: torch.sigmoid,
+    nn.SiLU: lambda m: torch.sigmoid,
+    hf_act.GELUActivation: lambda m: _phi,          # F.gelu and the erf python form are both exact GELU
+    nn.GELU: _nn_gelu_gate,
+    hf_act.GELUTanh: lambda m: _tanh_gelu_gate,
+    hf_act.NewGELUActivation: lambda m: _tanh_gelu_gate,
+    hf_act.FastGELUActivation: lambda m: (lambda x: 0.5 * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))),
+    hf_act.QuickGELUActivation: lambda m: (lambda x: torch.sigmoid(1.702 * x)),
+    nn.ReLU: lambda m: (lambda x: (x > 0).to(x.dtype)),
+}
+
+
+def activation_gate(m: nn.Module) -> Callable[[Tensor], Tensor]:
+    """The gate ``g`` with ``act(x) = x * g(x)`` for a registered activation module.
+
+    Example:
+        >>> activation_gate(nn.SiLU())(torch.zeros(1)).item()
+        0.5
+    """
+    try:
+        return ACTIVATION_GATES[type(m)](m)
+    except KeyError:
+        raise FreezeError(f"activation {type(m).__qualname__} has no freeze rule; register its gate in "
+                          f"toolkit.jacobian.freeze_rules.ACTIVATION_GATES.") from None
+
+
+def _install_activation(m: nn.Module, path: str, store: FactorStore) -> list[Undo]:
+    gate = activation_gate(m)
+
+    def forward(x: Tensor) -> Tensor:
+        return x * store.get(f"{path}:gate", lambda: gate(x))
+    return [swap_forward(m, forward)]
+
+
+# ----- gated MLPs (SwiGLU / GeGLU) -------------------------------------------------------------
+def _install_gated_mlp(m: nn.Module, path: str, store: FactorStore) -> list[Undo]:
+    # x * gate(x) would leave the product bilinear; the whole act(gate) is the factor. The act runs
+    # through its class forward so a frozen act_fn instance does not record a second factor.
+    act = m.act_fn
+    activation_gate(act)  # only registered activations: the forward value must be the known function
+
+    def forward(x: Tensor) -> Tensor:
+        g = store.get(f"{path}:gate", lambda: type(act).forward(act, m.gate_proj(x)))
+        return m.down_proj(g * m.up_proj(x))
+    return [swap_forward(m, forward)]
+
+
+# ----- attention: detach queries and keys at their projections -------------------------------
+def _install_separate_qk(m: nn.Module, path: str, store: FactorStore) -> list[Undo]:
+    # Llama / Qwen3 / Gemma3: q_proj and k_proj feed only the pattern (then QK-norm, rotary, scores).
+    return [_hook_output(m.q_proj, lambda out: store.get(f"{path}:q", lambda: out)),
+            _hook_output(m.k_proj, lambda out: store.get(f"{path}:k", lambda: out))]
+
+
+def _install_gpt2_attention(m: nn.Module, path: str, store: FactorStore) -> list[Undo]:
+    if m.is_cross_attention:
+        raise FreezeError(f"{path}: GPT-2 cross-attention has no freeze rule (only causal self-attention).")
+    d = m.split_size
+
+    def detach_qk(out: Tensor) -> Tensor:  # c_attn output is [q | k | v] along the last dim
+        qk = store.get(f"{path}:qk", lambda: out[..., : 2 * d])
+        return torch.cat([qk, out[..., 2 * d:]], dim=-1)
+    return [_hook_output(m.c_attn, detach_qk)]
+
+
+def _install_neox_attention(m: nn.Module, path: str, store: FactorStore) -> list[Undo]:
+    hs = m.head_size
+
+    def detach_qk(out: Tensor) -> Tensor:  # per head [q | k | v], each head_size wide
+        per_head = out.unflatten(-1, (-1, 3, hs))
+        qk = store.get(f"{path}:qk", lambda: per_head[..., :2, :])
+        return torch.cat([qk, per_head[..., 2:, :]], dim=-2).flatten(-3)
+    return [_hook_output(m.query_key_value, detach_qk)]
+
+
+# ----- Mamba mixer -----------------------------------------------------------------------------
+def _install_mamba_mixer(m: nn.Module, path: str, store: FactorStore) -> list[Undo]:
+    conv_gate = activation_gate(m.act)
+
+    def forward(hidden_states: Tensor, cache_params=None, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
+        if cache_params is not None:
+            raise FreezeError(f"{path}: the frozen Mamba mixer runs whole sequences without a cache; "
+                              f"call the model with use_cache=False.")
+        dtype, seq_len = hidden_states.dtype, hidden_states.shape[1]
+        hidden_states = mamba.apply_mask_to_padding_states(hidden_states, attention_mask)
+        projected = m.in_proj(hidden_states).transpose(1, 2)
+        A = -torch.exp(m.A_log.float())
+        u, gate = projected.chunk(2, dim=1)
+        # Depthwise causal conv (linear, bias = constant), then its activation as u * [gate(u)].
+        u = F.conv1d(u.to(m.conv1d.weight.dtype), m.conv1d.weight, m.conv1d.bias,
+                     padding=m.conv1d.weight.shape[-1] - 1, groups=m.intermediate_size)[:, :, :seq_len]
+        u = (u * store.get(f"{path}:conv_gate", lambda: conv_gate(u))).to(dtype)
+        u = mamba.apply_mask_to_padding_states(u.transpose(1, 2), attention_mask)  # [b, s, inter]
+        # The selection (Δ, B, C) depends on u: one detached factor, then the slow-path scan.
+        selection = store.get(f"{path}:selection", lambda: m.x_proj(u))
+        time_step, B, C = torch.split(selection, [m.time_step_rank, m.ssm_state_size, m.ssm_state_size], dim=-1)
+        dt = m.dt_proj.weight @ time_step.transpose(1, 2)
+        if m.dt_proj.bias is not None:
+            dt = dt + m.dt_proj.bias.float()[..., None]
+        dt = F.softplus(dt)
+        hs = u.transpose(1, 2)  # [b, inter, s]
+        discrete_A = torch.exp(A[None, :, None, :] * dt[:, :, :, None])
+        deltaB_u = (dt[:, :, :, None] * B[:, None, :, :].float()) * hs[:, :, :, None].float()
+        state = torch.zeros(hs.shape[0], hs.shape[1], m.ssm_state_size, dtype=hs.dtype, device=hs.device)
+        outputs = []
+        for i in range(seq_len):
+            state = discrete_A[:, :, i] * state + deltaB_u[:, :, i]
+            outputs.append(torch.matmul(state.to(hs.dtype), C[:, i, :].unsqueeze(-1))[:, :, 0])
+        scan = torch.stack(outputs, dim=-1) + hs * m.D.float()[None, :, None]
+        scan = scan * store.get(f"{path}:out_gate", lambda: F.silu(gate))
+        return m.out_proj(scan.transpose(1, 2).to(dtype))
+    return [swap_forward(m, forward)]
+
+
+# ----- the table -------------------------------------------------------------------------------
+def _rules() -> dict[type, Rule]:
+    table: dict[type, Rule] = {}
+
+    def add(classes, kind: str, install: Install | None, note: str) -> None:
+        for cls in classes:
+            table[cls] = Rule(kind, install, note)
+
+    add([llama.LlamaRMSNorm, qwen3.Qwen3RMSNorm, mamba.MambaRMSNorm], "norm", _install_rmsnorm,
+        "w * x * [rsqrt(mean(x^2)+eps)]")
+    add([gemma3.Gemma3RMSNorm], "norm", _install_gemma_rmsnorm, "(1+w) * x * [rsqrt(mean(x^2)+eps)]")
+    add([nn.LayerNorm], "norm", _install_layernorm, "(x-mean) * [rsqrt(var+eps)] * w + b")
+    add(list(ACTIVATION_GATES), "activation", _install_activation, "x * [act(x)/x]")
+    add([llama.LlamaMLP, qwen3.Qwen3MLP, gemma3.Gemma3MLP], "gated_mlp", _install_gated_mlp,
+        "down([act(gate(x))] * up(x))")
+    add([llama.LlamaAttention, qwen3.Qwen3Attention, gemma3.Gemma3Attention], "attention", _install_separate_qk,
+        "[q_proj], [k_proj]: constant pattern, V->O linear")
+    add([gpt2.GPT2Attention], "attention", _install_gpt2_attention, "[q|k] of c_attn: constant pattern")
+    add([neox.GPTNeoXAttention], "attention", _install_neox_attention, "[q|k] per head of query_key_value")
+    add([mamba.MambaMixer], "ssm_mixer", _install_mamba_mixer,
+        "[Δ,B,C]=[x_proj(u)], u*[σ(u)], [silu(z)]: scan linear in u")
+    # Linear once their children are frozen (checked against the transformers 5.23 modeling code):
+    # residual adds, projections, embeddings, rotary tables (positions only), dropout (identity in eval),
+    # containers. Gemma3ForCausalLM's final logit softcap acts on logits, outside the Jacobian's y.
+    add([nn.Linear, Conv1D, nn.Conv1d, nn.Embedding, nn.Dropout, nn.ModuleList, nn.Identity,
+         gemma3.Gemma3TextScaledWordEmbedding,
+         llama.LlamaRotaryEmbedding, qwen3.Qwen3RotaryEmbedding, gemma3.Gemma3RotaryEmbedding,
+         neox.GPTNeoXRotaryEmbedding,
+         llama.LlamaDecoderLayer, qwen3.Qwen3DecoderLayer, gemma3.Gemma3DecoderLayer, gpt2.GPT2Block,
+         neox.GPTNeoXLayer, mamba.MambaBlock, gpt2.GPT2MLP, neox.GPTNeoXMLP,
+         llama.LlamaModel, qwen3.Qwen3Model, gemma3.Gemma3TextModel, gpt2.GPT2Model, neox.GPTNeoXModel,
+         mamba.MambaModel,
+         llama.LlamaForCausalLM, qwen3.Qwen3ForCausalLM, gemma3.Gemma3ForCausalLM, gpt2.GPT2LMHeadModel,
+         neox.GPTNeoXForCausalLM, mamba.MambaForCausalLM],
+        "linear", None, "affine given frozen children")
+    return table
+
+
+RULES: dict[type, Rule] = _rules()
+
+
+def rule_for(module: nn.Module) -> Rule | None:
+    """The rule for this module's exact class, or ``None`` when the kind is not covered.
+
+    Example:
+        >>> rule_for(nn.SiLU()).kind
+        'activation'
+    """
+    return RULES.get(type(module))
+
+
+def register_rule(cls: type, kind: str, install: Install | None, note: str = "") -> None:
+    """Add (or replace) the rule for ``cls``; ``install=None`` declares it linear.
+
+    Example:
+        >>> register_rule(nn.Identity, "linear", None, "identity")
+    """
+    RULES[cls] = Rule(kind, install, note)
