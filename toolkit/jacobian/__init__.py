@@ -1,0 +1,25 @@
+"""Detached Jacobian (Golden 2025, "Large Language Models are Locally Linear Mappings").
+
+* :mod:`~toolkit.jacobian.freeze_rules` — per module kind, how its nonlinear factor is detached;
+* :mod:`~toolkit.jacobian.freeze` — ``detached(model)``: the reversible freeze;
+* :mod:`~toolkit.jacobian.factors` — live / record / replay store of the detached factors;
+* :mod:`~toolkit.jacobian.compute` — ``J_i = dy/dx_i`` by chunked batched VJPs, with ``y``, ``x``, ``c``;
+* :mod:`~toolkit.jacobian.result` — the :class:`DetachedJacobian` result (save / load).
+
+Example:
+    >>> import torch
+    >>> from toolkit.models.tiny import tiny_hf_model
+    >>> r = detached_jacobian(tiny_hf_model("llama"), torch.tensor([1, 2, 3]))
+    >>> r.reconstruction_error < 1e-5
+    True
+"""
+from toolkit.jacobian.compute import (detached_jacobian, input_embeddings, jacobian_rows, linear_map,
+                                      ordinary_jacobian, target_function)
+from toolkit.jacobian.factors import FactorStore
+from toolkit.jacobian.freeze import FreezeSession, UnsupportedModuleError, check_supported, detached
+from toolkit.jacobian.freeze_rules import FreezeError, register_rule
+from toolkit.jacobian.result import DetachedJacobian
+
+__all__ = ["detached_jacobian", "ordinary_jacobian", "input_embeddings", "target_function", "jacobian_rows",
+           "linear_map", "detached", "check_supported", "FreezeSession", "FactorStore", "UnsupportedModuleError",
+           "FreezeError", "register_rule", "DetachedJacobian"]

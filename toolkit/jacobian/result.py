@@ -1,0 +1,126 @@
+"""The result of a Jacobian computation: a plain dataclass, saved and loaded with its metadata.
+
+Example:
+    >>> import torch
+    >>> r = DetachedJacobian(jacobian=torch.eye(2)[None], y=torch.ones(2), x=torch.ones(1, 2),
+    ...                      c=torch.zeros(2), token_ids=torch.tensor([7]), settings={"detached": True})
+    >>> r.reconstruction_error
+    0.0
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+KIND = "toolkit.jacobian.DetachedJacobian"
+VERSION = 1
+
+
+@dataclass
+class DetachedJacobian:
+    """``y = sum_i J_i x_i + c`` for one prompt.
+
+    Fields:
+        jacobian: ``[T, d_out, d_in]``, ``J_i = dy/dx_i`` for each input position ``i``.
+        y: ``[d_out]`` the output (final-norm state or residual stream at a boundary, at one position).
+        x: ``[T, d_in]`` the input embeddings ``h_0`` (first block's input).
+        c: ``[d_out]`` the constant term: the map at zero input (detached: with the factors of ``x``
+           held fixed), so that the reconstruction is exact for affine frozen models (GPT-2, Pythia)
+           and ``c ~ 0`` for bias-free ones (Llama-style).
+        token_ids: ``[T]``.
+        settings: how it was made (model type, target, position, detached, chunk size, dtype, notes).
+        reconstruction_error: ``||sum_i J_i x_i + c - y|| / ||y||`` (computed if not given).
+    """
+
+    jacobian: Tensor
+    y: Tensor
+    x: Tensor
+    c: Tensor
+    token_ids: Tensor
+    settings: dict[str, Any] = field(default_factory=dict)
+    reconstruction_error: float | None = None
+
+    def __post_init__(self) -> None:
+        T, d_out, d_in = self.jacobian.shape
+        if self.x.shape != (T, d_in) or self.y.shape != (d_out,) or self.c.shape != (d_out,):
+            raise ValueError(f"inconsistent shapes: jacobian {tuple(self.jacobian.shape)}, x {tuple(self.x.shape)}, "
+                             f"y {tuple(self.y.shape)}, c {tuple(self.c.shape)}; expected x [T, d_in], y and c [d_out].")
+        if self.reconstruction_error is None:
+            self.reconstruction_error = relative_error(self.reconstruction(), self.y)
+
+    @property
+    def detached(self) -> bool:
+        """Whether the nonlinear factors were detached (False: the ordinary Jacobian)."""
+        return bool(self.settings.get("detached", True))
+
+    def reconstruction(self) -> Tensor:
+        """``sum_i J_i x_i + c`` in float64: ``[d_out]``.
+
+        Example:
+            >>> r = DetachedJacobian(torch.eye(2)[None], torch.ones(2), torch.ones(1, 2), torch.zeros(2),
+            ...                      torch.tensor([3]))
+            >>> r.reconstruction().tolist()
+            [1.0, 1.0]
+        """
+        return torch.einsum("toi,ti->o", self.jacobian.double(), self.x.double()) + self.c.double()
+
+    def contributions(self) -> Tensor:
+        """Per-position terms ``J_i x_i``: ``[T, d_out]`` (they sum to ``y - c``).
+
+        Example:
+            >>> r = DetachedJacobian(torch.eye(2)[None], torch.ones(2), torch.ones(1, 2), torch.zeros(2),
+            ...                      torch.tensor([3]))
+            >>> r.contributions().shape
+            torch.Size([1, 2])
+        """
+        return torch.einsum("toi,ti->to", self.jacobian, self.x)
+
+    def save(self, path: str | Path) -> Path:
+        """Write a ``torch.save`` file with the tensors and metadata; returns the path.
+
+        Example:
+            >>> r.save("/tmp/jac.pt")                             # doctest: +SKIP
+        """
+        path = Path(path)
+        torch.save({"kind": KIND, "version": VERSION, "jacobian": self.jacobian.cpu(), "y": self.y.cpu(),
+                    "x": self.x.cpu(), "c": self.c.cpu(), "token_ids": self.token_ids.cpu(),
+                    "settings": dict(self.settings), "reconstruction_error": self.reconstruction_error}, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "DetachedJacobian":
+        """Read a file written by :meth:`save`; refuse files of another kind with a clear error.
+
+        Example:
+            >>> DetachedJacobian.load("/tmp/jac.pt")              # doctest: +SKIP
+        """
+        data = torch.load(Path(path), map_location="cpu", weights_only=True)
+        kind = data.get("kind") if isinstance(data, dict) else None
+        if kind != KIND:
+            raise ValueError(f"{path} is not a saved DetachedJacobian (found kind {kind!r}, expected {KIND!r}).")
+        if data.get("version") != VERSION:
+            raise ValueError(f"{path} was saved with DetachedJacobian format version {data.get('version')!r}; "
+                             f"this toolkit reads version {VERSION}.")
+        return cls(jacobian=data["jacobian"], y=data["y"], x=data["x"], c=data["c"], token_ids=data["token_ids"],
+                   settings=data["settings"], reconstruction_error=data["reconstruction_error"])
+
+    def __repr__(self) -> str:
+        T, d_out, d_in = self.jacobian.shape
+        what = "detached" if self.detached else "ordinary"
+        return (f"DetachedJacobian({what}, target={self.settings.get('target')!r}, T={T}, d_out={d_out}, "
+                f"d_in={d_in}, rel_err={self.reconstruction_error:.2e})")
+
+
+def relative_error(estimate: Tensor, reference: Tensor) -> float:
+    """``||estimate - reference|| / ||reference||`` in float64.
+
+    Example:
+        >>> relative_error(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 1.0]))
+        0.0
+    """
+    ref = reference.double()
+    return float((estimate.double() - ref).norm() / ref.norm().clamp_min(1e-300))
