@@ -10,7 +10,7 @@ from toolkit.cli import main, parse_layers
 
 def test_help_lists_subcommands():
     out = subprocess.run([sys.executable, "-m", "toolkit", "--help"], capture_output=True, text=True, check=True)
-    for command in ("models", "collect", "demo"):
+    for command in ("models", "collect", "decompose", "jacobian", "demo"):
         assert command in out.stdout
 
 
@@ -35,8 +35,8 @@ def test_parse_layers():
 
 def test_demo_writes_report_and_summary(tmp_path, monkeypatch):
     monkeypatch.setenv("TOOLKIT_CACHE", str(tmp_path / "cache"))
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--n-train", "4", "--n-test", "2"]) == 0
-    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert summary["n_train_texts"] == 4 and len(summary["update_profile"]) == 30
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--n-train", "8", "--n-test", "3"]) == 0
+    result = json.loads((tmp_path / "demo" / "result.json").read_text())
+    assert result["settings"]["n_train"] == 8 and len(result["layer_summary"]) == 30
     html = (tmp_path / "demo" / "report.html").read_text()
     assert "src=\"http" not in html and "<script src" not in html and "Plotly.newPlot" in html

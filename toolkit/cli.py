@@ -3,6 +3,8 @@
 Commands:
     models    list known models, the backend serving each, and whether weights are here
     collect   collect hidden states at layer boundaries for a corpus (cached on disk)
+    decompose tokenwise decomposition of layer updates: fits, residual geometry, KL, report
+    jacobian  detached Jacobian of a prompt: exact reconstruction, SVD decoded to tokens, report
     demo      the main job on the embedded default model and corpus, at a small scale
 """
 from __future__ import annotations
@@ -73,11 +75,33 @@ def cmd_collect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_decompose(args: argparse.Namespace) -> int:
+    import toolkit
+    from toolkit.decompose.pipeline import decompose
+    from toolkit.decompose.report import format_table, summary_rows, write_decomposition_report
+    model = toolkit.load_model(args.model, backend=args.backend, dtype=args.dtype, device=args.device)
+    result = decompose(model, args.corpus, layers=parse_layers(args.layers), function_class=args.function_class,
+                       form=args.form, k=args.k, rank=args.rank, n_train=args.n_train, n_test=args.n_test,
+                       seq_len=args.seq_len, per_text=args.per_text, seed=args.seed, compare_mlp=not args.no_mlp,
+                       kl_positions=args.kl_positions, sweep_k=parse_layers(args.sweep_k) or (),
+                       sweep_rank=parse_layers(args.sweep_rank) or (), batch_size=args.batch_size)
+    out = Path(args.out)
+    result.save(out)
+    write_decomposition_report(result, out / "report.html")
+    print(format_table(summary_rows(result)))
+    pooled = result.model_summary["rho_pooled"]
+    print(f"pooled rho {pooled['rho']:.3f} [{pooled['ci_low']:.3f}, {pooled['ci_high']:.3f}]; timings "
+          f"{result.settings['timings']}\nwrote {out}/result.json, anchors.csv, anchors.npz, report.html")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from toolkit.demo import run_demo
     summary = run_demo(Path(args.out), model_name=args.model, backend=args.backend, n_train=args.n_train,
                        n_test=args.n_test)
+    table = summary.pop("table")
     print(json.dumps(summary, indent=1))
+    print(table)
     return 0
 
 
@@ -90,12 +114,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_corpus_args(p, n_train=100, n_test=20)
     p.set_defaults(func=cmd_collect)
+    p = sub.add_parser("decompose", help="tokenwise decomposition of layer updates (paper 1)")
+    _add_model_args(p)
+    _add_corpus_args(p, n_train=2000, n_test=500)
+    p.add_argument("--function-class", default="lowrank",
+                   help="lowrank, diag_local, diag_global, orthogonal or mlp")
+    p.add_argument("--form", default="plain", choices=["plain", "update"], help="T(h)=Ah, or h + A(h-mu) + b")
+    p.add_argument("--k", type=int, default=64, help="nearest neighbours per anchor")
+    p.add_argument("--rank", type=int, default=64, help="rank of the local map (lowrank)")
+    p.add_argument("--no-mlp", action="store_true", help="skip the global MLP comparison")
+    p.add_argument("--kl-positions", default="next", choices=["next", "later"])
+    p.add_argument("--sweep-k", default=None, help="k values for Figure 5, e.g. '8,16,32,64'")
+    p.add_argument("--sweep-rank", default=None, help="ranks for Figure 5, e.g. '4,8,16,32,64'")
+    p.add_argument("--out", default="runs/decompose")
+    p.set_defaults(func=cmd_decompose)
+    from toolkit.jacobian.cli_command import add_jacobian_parser
+    add_jacobian_parser(sub)
     p = sub.add_parser("demo", help="the main job on the embedded default, small scale")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--backend", default=None)
-    p.add_argument("--n-train", type=int, default=64)
-    p.add_argument("--n-test", type=int, default=16)
+    p.add_argument("--n-train", type=int, default=48)
+    p.add_argument("--n-test", type=int, default=12)
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -68,17 +68,17 @@ class DecompositionResult:
             rho = spearman_with_ci(a["rel_err"][sel], a["kl"][sel], n_boot=n_boot, seed=int(layer))
             row = {"layer": int(layer), "n": int(sel.sum()), "rho": rho.rho, "rho_ci_low": rho.ci_low,
                    "rho_ci_high": rho.ci_high, "p_value": rho.p_value,
-                   "rel_err_mean": float(a["rel_err"][sel].mean()), "rel_err_median": float(np.median(a["rel_err"][sel])),
+                   "rel_err_mean": float(np.nanmean(a["rel_err"][sel])), "rel_err_median": float(np.median(a["rel_err"][sel])),
                    "kl_mean": float(a["kl"][sel].mean()), "kl_random_mean": float(a["kl_random"][sel].mean()),
-                   "abs_cos_full_tok": float(a["abs_cos_full_tok"][sel].mean()),
-                   "abs_cos_res_tok": float(a["abs_cos_res_tok"][sel].mean())}
+                   "abs_cos_full_tok": float(np.nanmean(a["abs_cos_full_tok"][sel])),
+                   "abs_cos_res_tok": float(np.nanmean(a["abs_cos_res_tok"][sel]))}
             for kind in ("full", "tokenwise", "residual"):
                 for k in (1, 4, 8):
-                    row[f"proj_{kind}_{k}"] = float(a[f"proj_{kind}_{k}"][sel].mean())
+                    row[f"proj_{kind}_{k}"] = float(np.nanmean(a[f"proj_{kind}_{k}"][sel]))
             for k in (1, 4, 8):
                 row[f"proj_random_{k}"] = k / d
             if "rel_err_mlp" in a:
-                row["rel_err_mlp_mean"] = float(a["rel_err_mlp"][sel].mean())
+                row["rel_err_mlp_mean"] = float(np.nanmean(a["rel_err_mlp"][sel]))
                 row["kl_mlp_mean"] = float(a["kl_mlp"][sel].mean())
             rows.append(row)
         self.layer_summary = rows

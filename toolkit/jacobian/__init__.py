@@ -4,7 +4,11 @@
 * :mod:`~toolkit.jacobian.freeze` — ``detached(model)``: the reversible freeze;
 * :mod:`~toolkit.jacobian.factors` — live / record / replay store of the detached factors;
 * :mod:`~toolkit.jacobian.compute` — ``J_i = dy/dx_i`` by chunked batched VJPs, with ``y``, ``x``, ``c``;
-* :mod:`~toolkit.jacobian.result` — the :class:`DetachedJacobian` result (save / load).
+* :mod:`~toolkit.jacobian.result` — the :class:`DetachedJacobian` result (save / load);
+* :mod:`~toolkit.jacobian.bridge_rules` — TransformerBridge components made transparent while frozen;
+* :mod:`~toolkit.jacobian.through_backend` — ``backend_jacobian``: the same Jacobian via nnsight / TransformerLens;
+* :mod:`~toolkit.jacobian.analysis` — SVD per position, decoding to tokens, stable rank (``JacobianSVD``);
+* :mod:`~toolkit.jacobian.cli_command` — the ``jacobian`` command (``add_jacobian_parser``).
 
 Example:
     >>> import torch
@@ -13,13 +17,14 @@ Example:
     >>> r.reconstruction_error < 1e-5
     True
 """
-from toolkit.jacobian.compute import (detached_jacobian, input_embeddings, jacobian_rows, linear_map,
-                                      ordinary_jacobian, target_function)
+from toolkit.jacobian.compute import (build_result, detached_jacobian, input_embeddings, jacobian_rows,
+                                      jacobian_terms, linear_map, ordinary_jacobian, target_function)
 from toolkit.jacobian.factors import FactorStore
 from toolkit.jacobian.freeze import FreezeSession, UnsupportedModuleError, check_supported, detached
 from toolkit.jacobian.freeze_rules import FreezeError, register_rule
 from toolkit.jacobian.result import DetachedJacobian
 
 __all__ = ["detached_jacobian", "ordinary_jacobian", "input_embeddings", "target_function", "jacobian_rows",
+           "jacobian_terms", "build_result",
            "linear_map", "detached", "check_supported", "FreezeSession", "FactorStore", "UnsupportedModuleError",
            "FreezeError", "register_rule", "DetachedJacobian"]

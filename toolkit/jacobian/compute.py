@@ -195,14 +195,58 @@ def detached_jacobian(hf_model: nn.Module, input_ids: Tensor, *, target: Target 
         raise ValueError("the model is in training mode (dropout active); call hf_model.eval() first.")
     ids = _as_ids(input_ids)
     x = input_embeddings(hf_model, ids)
-    f = target_function(hf_model, target, position)
-    xg = x.clone().requires_grad_(True)
-    with frozen(hf_model) if detached else nullcontext() as freeze:
+    y, jac, c = jacobian_terms(hf_model, target_function(hf_model, target, position), x, detached=detached,
+                               chunk_size=chunk_size)
+    return build_result(hf_model, ids, x, y, jac, c, target=target, position=position, detached=detached,
+                        chunk_size=chunk_size, model_id=model_id)
+
+
+def jacobian_terms(hf_model: nn.Module, f: Callable[[Tensor], Tensor], x: Tensor, *, detached: bool = True,
+                   chunk_size: int = 64) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, J, c)`` of any ``f: h_0 [T, d] -> y [d_out]`` that runs ``hf_model``, frozen or not.
+
+    This is the one place where the freeze, the chunked rows and the constant term meet; the
+    direct path (:func:`detached_jacobian`) and the backend paths
+    (:mod:`toolkit.jacobian.through_backend`) only differ in ``f``. Detached: the factors are
+    recorded at ``x`` and ``c = F(0)`` replays them; ordinary: ``c`` is the plain model at zero.
+
+    Example:
+        >>> import torch
+        >>> from toolkit.models.tiny import tiny_hf_model
+        >>> model = tiny_hf_model("llama")
+        >>> x = input_embeddings(model, torch.tensor([1, 2, 3]))
+        >>> y, J, c = jacobian_terms(model, target_function(model), x)
+        >>> J.shape, float(c.norm())   # bias-free Llama: no constant term
+        (torch.Size([3, 64, 64]), 0.0)
+    """
+    xg = x.detach().clone().requires_grad_(True)
+    with frozen(hf_model) if detached else nullcontext() as freeze, torch.enable_grad():
         with freeze.recording() if detached else nullcontext():
             y = f(xg)
         jac = jacobian_rows(y, xg, chunk_size)
         with freeze.replaying() if detached else nullcontext(), torch.no_grad():
             c = f(torch.zeros_like(x))
+    return y.detach(), jac.detach(), c.detach()
+
+
+def build_result(hf_model: nn.Module, ids: Tensor, x: Tensor, y: Tensor, jac: Tensor, c: Tensor, *,
+                 target: Target, position: int, detached: bool, chunk_size: int, model_id: str | None = None,
+                 **extra_settings) -> DetachedJacobian:
+    """Wrap ``(x, y, J, c)`` in a :class:`DetachedJacobian` with the settings that made it.
+
+    ``extra_settings`` (e.g. ``backend="nnsight"``) are added to ``settings``.
+
+    Example:
+        >>> import torch
+        >>> from toolkit.models.tiny import tiny_hf_model
+        >>> model = tiny_hf_model("llama")
+        >>> x = input_embeddings(model, torch.tensor([1, 2]))
+        >>> r = build_result(model, torch.tensor([1, 2]), x, *jacobian_terms(model, target_function(model), x),
+        ...                  target="output", position=-1, detached=True, chunk_size=64)
+        >>> r.settings["position"], r.reconstruction_error < 1e-5
+        (1, True)
+    """
+    ids = _as_ids(ids)
     spec = spec_for(hf_model)
     config = hf_model.config
     notes = []
@@ -212,8 +256,8 @@ def detached_jacobian(hf_model: nn.Module, input_ids: Tensor, *, target: Target 
                 "architecture": spec.family, "model_type": config.model_type, "target": target,
                 "position": position if position >= 0 else ids.numel() + position, "detached": detached,
                 "chunk_size": chunk_size, "dtype": str(x.dtype), "n_layers": len(spec.blocks(hf_model)),
-                "notes": notes}
-    return DetachedJacobian(jacobian=jac.detach(), y=y.detach(), x=x, c=c.detach(), token_ids=ids.cpu(),
+                "notes": notes, **extra_settings}
+    return DetachedJacobian(jacobian=jac.detach(), y=y.detach(), x=x.detach(), c=c.detach(), token_ids=ids.cpu(),
                             settings=settings)
 
 

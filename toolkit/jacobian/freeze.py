@@ -81,6 +81,8 @@ def check_supported(hf_model: nn.Module) -> dict[str, str]:
         >>> kinds["transformer.h.0.mlp.act"]
         'activation'
     """
+    from toolkit.jacobian.bridge_rules import register_bridge_rules
+    register_bridge_rules(hf_model)  # a TransformerBridge wraps the HF modules in place
     kinds: dict[str, str] = {}
     missing: dict[str, list[str]] = {}
     for path, module in hf_model.named_modules():

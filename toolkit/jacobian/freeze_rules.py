@@ -75,12 +75,28 @@ class Rule:
 def swap_forward(module: nn.Module, new_forward: Callable) -> Undo:
     """Give ``module`` an instance-level ``forward``; the returned callable restores the old state.
 
+    A module instrumented by nnsight (0.8) already carries an instance-level ``forward``: its
+    ``Controller``, which hands ``.input``/``.output`` to a running trace and then calls
+    ``controller.state.body``. Replacing the controller would hide the module from nnsight
+    while frozen, so for such a module the *body* is swapped instead, and traces still see
+    (and may set) the frozen module's input and output.
+
     Example:
         >>> lin = nn.Linear(2, 2)
         >>> undo = swap_forward(lin, lambda x: x)
         >>> undo(); "forward" in vars(lin)
         False
     """
+    controller_state = getattr(vars(module).get("forward"), "state", None)
+    if controller_state is not None and hasattr(controller_state, "body"):  # nnsight Controller
+        old_body = controller_state.body
+
+        def undo_body() -> None:
+            controller_state.body = old_body
+
+        controller_state.body = lambda _self, *args, **kwargs: new_forward(*args, **kwargs)
+        return undo_body
+
     had_own = "forward" in vars(module)
     old = vars(module).get("forward")
 

@@ -1,0 +1,227 @@
+"""Reading a detached Jacobian: SVD per input position, decoding to tokens, stable rank.
+
+For each input position ``i`` the block ``J_i = dy/dx_i`` (``[d_out, d_in]``) is split as
+``J_i = U S V^T``:
+
+* a **left** singular vector ``u`` lives in the output space (the final-norm state for target
+  ``"output"``), so it is decoded through the unembedding: the tokens with the largest
+  ``u @ W_U``. Its sign is free; it is chosen so that ``u · y >= 0`` (the direction that *adds*
+  to the output), and ``v`` flips with it so that ``u s v^T`` is unchanged;
+* a **right** singular vector ``v`` lives in the input-embedding space, so it is decoded to the
+  input tokens whose embedding rows (``W_E``) have the largest cosine with it;
+* the largest-norm **rows** of ``J_i`` (``dy_r/dx_i``, input-space vectors) are decoded like
+  ``v``, the largest-norm **columns** (``dy/dx_{i,c}``, output-space vectors) like ``u``;
+* the **stable rank** ``||J_i||_F^2 / ||J_i||_2^2`` (between 1 and ``min(d_out, d_in)``) says
+  how many directions carry the map.
+
+For a boundary target (``y = h_l`` before the final norm) decoding through ``W_U`` is a
+logit-lens reading; the unembedding is applied without the final norm's scale, which a
+direction's top tokens do not depend on except through the norm weight.
+
+Example:
+    >>> import torch
+    >>> from toolkit.jacobian.result import DetachedJacobian
+    >>> r = DetachedJacobian(torch.randn(2, 4, 4), torch.randn(4), torch.randn(2, 4), torch.zeros(4),
+    ...                      torch.tensor([1, 2]))
+    >>> a = analyze_jacobian(r, W_U=torch.randn(4, 10), W_E=torch.randn(10, 4), decode=str, top_k=3)
+    >>> len(a.stable_rank), len(a.left[0][0]["tokens"])
+    (2, 3)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from toolkit.jacobian.result import DetachedJacobian
+
+Decoded = dict[str, Any]  # {"index", "value", "tokens", "token_ids", "scores"}
+
+
+def svd_per_position(jacobian: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``U [T, d_out, r], S [T, r], V [T, d_in, r]`` with ``J_i = U_i diag(S_i) V_i^T`` (float64).
+
+    Example:
+        >>> J = torch.randn(3, 5, 4)
+        >>> U, S, V = svd_per_position(J)
+        >>> torch.allclose(U @ torch.diag_embed(S) @ V.mT, J.double())
+        True
+    """
+    U, S, Vh = torch.linalg.svd(jacobian.double(), full_matrices=False)
+    return U, S, Vh.mT
+
+
+def align_signs(U: Tensor, V: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Flip each pair ``(u_k, v_k)`` so that ``u_k · y >= 0``; ``u s v^T`` is unchanged.
+
+    Example:
+        >>> U, V = torch.tensor([[[-1.0], [0.5]]]), torch.tensor([[[2.0]]])
+        >>> [t.flatten().tolist() for t in align_signs(U, V, torch.tensor([1.0, 0.0]))]
+        [[1.0, -0.5], [-2.0]]
+    """
+    sign = torch.sign(torch.einsum("tdr,d->tr", U, y.to(U.dtype)))
+    sign[sign == 0] = 1.0
+    return U * sign[:, None, :], V * sign[:, None, :]
+
+
+def stable_rank(jacobian: Tensor) -> Tensor:
+    """``||J_i||_F^2 / ||J_i||_2^2`` per position: ``[T]`` (0 for an all-zero block).
+
+    Example:
+        >>> stable_rank(torch.eye(3)[None]).tolist()
+        [3.0]
+    """
+    J = jacobian.double()
+    fro2 = J.pow(2).sum((-2, -1))
+    spec2 = torch.linalg.matrix_norm(J, ord=2).pow(2)
+    return torch.where(spec2 > 0, fro2 / spec2.clamp_min(1e-300), torch.zeros_like(fro2))
+
+
+def _top(scores: Tensor, k: int, decode: Callable[[int], str]) -> tuple[list[str], list[int], list[float]]:
+    values, ids = scores.topk(k)
+    ids_list = ids.tolist()
+    return [decode(i) for i in ids_list], ids_list, [float(v) for v in values]
+
+
+def decode_output_directions(vectors: Tensor, W_U: Tensor, decode: Callable[[int], str],
+                             k: int = 5) -> list[tuple[list[str], list[int], list[float]]]:
+    """Top-``k`` output tokens of each row of ``vectors`` ``[n, d]`` by logit ``v @ W_U``.
+
+    Example:
+        >>> W_U = torch.eye(3)
+        >>> decode_output_directions(torch.tensor([[0.0, 2.0, 1.0]]), W_U, str, k=2)[0][1]
+        [1, 2]
+    """
+    logits = vectors.to(W_U.dtype) @ W_U
+    return [_top(row, k, decode) for row in logits]
+
+
+def decode_input_directions(vectors: Tensor, W_E: Tensor, decode: Callable[[int], str], k: int = 5,
+                            normalized: bool = False) -> list[tuple[list[str], list[int], list[float]]]:
+    """Top-``k`` input tokens of each row of ``vectors`` ``[n, d]`` by cosine with the rows of ``W_E``.
+
+    Example:
+        >>> W_E = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+        >>> decode_input_directions(torch.tensor([[3.0, 0.1]]), W_E, str, k=1)[0][0]
+        ['0']
+    """
+    E = W_E.float() if normalized else torch.nn.functional.normalize(W_E.float(), dim=-1)
+    cos = torch.nn.functional.normalize(vectors.float(), dim=-1) @ E.T
+    return [_top(row, k, decode) for row in cos]
+
+
+def _entries(decoded, indices: Sequence[int], values: Sequence[float]) -> list[Decoded]:
+    return [{"index": int(i), "value": float(v), "tokens": toks, "token_ids": ids, "scores": scores}
+            for i, v, (toks, ids, scores) in zip(indices, values, decoded)]
+
+
+@dataclass
+class JacobianSVD:
+    """SVD and token decoding of a :class:`DetachedJacobian`, one entry per input position.
+
+    Fields:
+        singular_values: ``[T, r]`` descending, ``r = min(d_out, d_in)``.
+        U: ``[T, d_out, n_vectors]`` top left singular vectors (sign: ``u · y >= 0``).
+        V: ``[T, d_in, n_vectors]`` the matching right singular vectors.
+        stable_rank: ``[T]``.
+        str_tokens: the input tokens.
+        left / right: per position, per singular vector, ``{"index", "value" (singular value),
+            "tokens", "token_ids", "scores" (logits / cosines)}``.
+        rows / cols: per position, the largest-norm rows (input space, decoded by ``W_E``
+            cosine) and columns (output space, decoded by ``W_U``); ``value`` is the norm.
+        settings: the Jacobian's settings plus ``top_k`` and ``n_vectors``.
+    """
+
+    singular_values: Tensor
+    U: Tensor
+    V: Tensor
+    stable_rank: Tensor
+    str_tokens: list[str]
+    left: list[list[Decoded]]
+    right: list[list[Decoded]]
+    rows: list[list[Decoded]]
+    cols: list[list[Decoded]]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (no singular vectors): singular values, stable ranks, decoded tokens.
+
+        Example:
+            >>> import json; json.dumps(analysis.to_dict())[:1]        # doctest: +SKIP
+            '{'
+        """
+        return {"settings": dict(self.settings), "str_tokens": list(self.str_tokens),
+                "stable_rank": [float(s) for s in self.stable_rank],
+                "singular_values": [[float(s) for s in row[: max(1, self.U.shape[-1])]]
+                                    for row in self.singular_values],
+                "left": self.left, "right": self.right, "rows": self.rows, "cols": self.cols}
+
+    def top_tokens(self, position: int = -1, side: str = "left") -> list[str]:
+        """The top token of each decoded singular vector at ``position`` (``side``: left/right).
+
+        Example:
+            >>> analysis.top_tokens(-1)                                  # doctest: +SKIP
+            [' Golden', ...]
+        """
+        entries = {"left": self.left, "right": self.right, "rows": self.rows, "cols": self.cols}[side][position]
+        return [e["tokens"][0] for e in entries]
+
+    def __repr__(self) -> str:
+        T = len(self.str_tokens)
+        return (f"JacobianSVD(T={T}, n_vectors={self.U.shape[-1]}, "
+                f"stable_rank={[round(float(s), 2) for s in self.stable_rank]})")
+
+
+def analyze_jacobian(result: DetachedJacobian, W_U: Tensor, W_E: Tensor, decode: Callable[[int], str], *,
+                     top_k: int = 5, n_vectors: int = 3, n_rows: int = 3,
+                     str_tokens: Sequence[str] | None = None) -> JacobianSVD:
+    """SVD per input position, decoded to tokens; see the module docstring.
+
+    Args:
+        result: a :class:`DetachedJacobian` (detached or ordinary).
+        W_U: unembedding ``[d_out, vocab]``; W_E: token embeddings ``[vocab, d_in]``.
+        decode: token id -> string (e.g. ``lambda i: tokenizer.decode([i])``).
+        top_k: tokens per decoded vector; n_vectors: singular vectors kept and decoded;
+        n_rows: largest-norm rows and columns decoded per position.
+
+    Example:
+        >>> a = analyze_jacobian(result, model.W_U, model.W_E, lambda i: model.to_str_tokens([i])[0])  # doctest: +SKIP
+    """
+    J = result.jacobian.detach().cpu()
+    W_U = W_U.detach().cpu().float()
+    E = torch.nn.functional.normalize(W_E.detach().cpu().float(), dim=-1)  # once, not per call
+    T = J.shape[0]
+    U, S, V = svd_per_position(J)
+    U, V = align_signs(U, V, result.y.detach().cpu())
+    n = min(n_vectors, S.shape[-1])
+    U, V = U[..., :n], V[..., :n]
+    left, right, rows, cols = [], [], [], []
+    for i in range(T):
+        s_i = S[i, :n].tolist()
+        left.append(_entries(decode_output_directions(U[i].T, W_U, decode, top_k), range(n), s_i))
+        right.append(_entries(decode_input_directions(V[i].T, E, decode, top_k, True), range(n), s_i))
+        row_norm, col_norm = J[i].norm(dim=1), J[i].norm(dim=0)
+        rv, ri = row_norm.topk(min(n_rows, row_norm.numel()))
+        cv, ci = col_norm.topk(min(n_rows, col_norm.numel()))
+        rows.append(_entries(decode_input_directions(J[i][ri], E, decode, top_k, True), ri.tolist(), rv.tolist()))
+        cols.append(_entries(decode_output_directions(J[i][:, ci].T, W_U, decode, top_k), ci.tolist(),
+                             cv.tolist()))
+    tokens = list(str_tokens) if str_tokens is not None else [decode(int(t)) for t in result.token_ids]
+    settings = {**result.settings, "top_k": top_k, "n_vectors": n, "n_rows": n_rows}
+    return JacobianSVD(singular_values=S.float(), U=U.float(), V=V.float(), stable_rank=stable_rank(J).float(),
+                       str_tokens=tokens, left=left, right=right, rows=rows, cols=cols, settings=settings)
+
+
+def analyze_with_model(result: DetachedJacobian, model, **kwargs) -> JacobianSVD:
+    """:func:`analyze_jacobian` with ``W_U``, ``W_E`` and token strings taken from a backend.
+
+    ``model`` is anything with ``W_U``, ``W_E`` and ``to_str_tokens`` (a
+    :class:`~toolkit.backends.base.Backend`).
+
+    Example:
+        >>> a = analyze_with_model(detached_jacobian(model.hf_model, ids), model, top_k=5)   # doctest: +SKIP
+    """
+    return analyze_jacobian(result, model.W_U, model.W_E, lambda i: model.to_str_tokens([i])[0],
+                            str_tokens=model.to_str_tokens(result.token_ids), **kwargs)
