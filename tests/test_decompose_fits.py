@@ -6,6 +6,8 @@ planted non-tokenwise term comes out as the residual.
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -62,14 +64,26 @@ def test_knn_matches_numpy_argsort(exclude_self):
     np.testing.assert_allclose(sim.numpy(), np.take_along_axis(S, expected, axis=1), atol=1e-12)
 
 
-def test_knn_faiss_missing_gives_clear_import_error():
-    try:
-        import faiss  # noqa: F401
-        pytest.skip("faiss is installed")
-    except ImportError:
-        pass
+def test_knn_faiss_missing_gives_clear_import_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss now raises ImportError
     with pytest.raises(ImportError, match="pip install faiss-cpu"):
         knn_cosine(_rand(10, 3), _rand(2, 3), k=2, backend="faiss")
+
+
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_knn_faiss_exact_and_ivf_return_the_same_neighbours(exclude_self):
+    X = _rand(800, 16, seed=5)
+    Q = X if exclude_self else _rand(60, 16, seed=6)
+    expected, _ = knn_cosine(X, Q, k=8, exclude_self=exclude_self)
+    flat, _ = knn_cosine(X, Q, k=8, exclude_self=exclude_self, backend="faiss")
+    assert torch.equal(flat, expected)
+    # all cells probed: the inverted file is exact on a small set
+    ivf_all, _ = knn_cosine(X, Q, k=8, exclude_self=exclude_self, backend="faiss-ivf", nprobe=10_000)
+    assert torch.equal(ivf_all, expected)
+    # default nprobe searches a fraction of the cells: approximate, but most neighbours are found
+    ivf, _ = knn_cosine(X, Q, k=8, exclude_self=exclude_self, backend="faiss-ivf")
+    recall = np.mean([len(set(a.tolist()) & set(b.tolist())) / 8 for a, b in zip(ivf, expected)])
+    assert recall > 0.6
 
 
 # ----------------------------------------------------- exact tokenwise settings and planted terms

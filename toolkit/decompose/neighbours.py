@@ -3,8 +3,12 @@
 The paper picks, for each test anchor ``h_l``, the k training states most similar in cosine.
 Brute force is exact and cheap at the sizes involved (a few thousand training states, d <= 2048):
 queries are processed in chunks so the ``[chunk, N]`` similarity block bounds memory.
-An optional FAISS backend (``backend="faiss"``, exact inner product on normalised vectors) is
-there for much larger training sets; it is imported lazily and is not a dependency.
+Optional FAISS backends for much larger training sets (imported lazily; ``pip install faiss-cpu``
+or the ``faiss`` extra): ``backend="faiss"`` is exact (``IndexFlatIP`` on normalised vectors),
+``backend="faiss-ivf"`` is approximate (``IndexIVFFlat``: the training states are clustered into
+about sqrt(N) cells and each query searches only the ``nprobe`` nearest cells, so a query costs
+about ``nprobe * sqrt(N)`` similarities instead of ``N``; with ``nprobe`` equal to the number
+of cells it is exact again).
 
 Example:
     >>> import torch
@@ -60,7 +64,8 @@ def _check_knn(train_X: Tensor, query_X: Tensor, k: int, exclude_self: bool) -> 
 
 
 def knn_cosine(train_X: Tensor, query_X: Tensor, k: int, exclude_self: bool = False,
-               backend: Literal["torch", "faiss"] = "torch", chunk_size: int = 1024) -> tuple[Tensor, Tensor]:
+               backend: Literal["torch", "faiss", "faiss-ivf"] = "torch", chunk_size: int = 1024,
+               nprobe: int = 8) -> tuple[Tensor, Tensor]:
     """The ``k`` training rows most cosine-similar to each query row, most similar first.
 
     Args:
@@ -69,8 +74,10 @@ def knn_cosine(train_X: Tensor, query_X: Tensor, k: int, exclude_self: bool = Fa
         k: neighbours per query, ``1 <= k <= N`` (``N - 1`` with ``exclude_self``).
         exclude_self: query row i is training row i and must not be its own neighbour
             (leave-one-out neighbourhoods on the training set).
-        backend: ``"torch"`` (exact, chunked matmul + topk) or ``"faiss"`` (exact ``IndexFlatIP``).
+        backend: ``"torch"`` (exact, chunked matmul + topk), ``"faiss"`` (exact ``IndexFlatIP``) or
+            ``"faiss-ivf"`` (approximate inverted-file index, for large ``N``).
         chunk_size: queries per similarity block; memory is ``chunk_size * N`` floats.
+        nprobe: cells searched per query with ``"faiss-ivf"`` (more is slower and closer to exact).
 
     Returns:
         ``(indices [M, k] int64, similarities [M, k])`` in descending similarity.
@@ -82,10 +89,10 @@ def knn_cosine(train_X: Tensor, query_X: Tensor, k: int, exclude_self: bool = Fa
         True
     """
     _check_knn(train_X, query_X, k, exclude_self)
-    if backend == "faiss":
-        return _knn_faiss(train_X, query_X, k, exclude_self)
+    if backend in ("faiss", "faiss-ivf"):
+        return _knn_faiss(train_X, query_X, k, exclude_self, approximate=backend == "faiss-ivf", nprobe=nprobe)
     if backend != "torch":
-        raise ValueError(f"backend must be 'torch' or 'faiss', got {backend!r}.")
+        raise ValueError(f"backend must be 'torch', 'faiss' or 'faiss-ivf', got {backend!r}.")
     dtype = torch.promote_types(train_X.dtype, query_X.dtype)
     train_n = _normalise(train_X.to(dtype))
     query_n = _normalise(query_X.to(dtype))
@@ -101,7 +108,22 @@ def knn_cosine(train_X: Tensor, query_X: Tensor, k: int, exclude_self: bool = Fa
     return torch.cat(out_idx), torch.cat(out_sim)
 
 
-def _knn_faiss(train_X: Tensor, query_X: Tensor, k: int, exclude_self: bool) -> tuple[Tensor, Tensor]:
+def _faiss_index(faiss, train_n, approximate: bool, nprobe: int):
+    d, n = train_n.shape[1], train_n.shape[0]
+    if not approximate:
+        return faiss.IndexFlatIP(d)
+    if nprobe < 1:
+        raise ValueError(f"nprobe must be at least 1, got {nprobe}.")
+    n_cells = max(1, min(int(round(n ** 0.5)), n // 39))  # faiss wants >= 39 training points per cell
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, n_cells, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed = 0  # reproducible clustering
+    index.train(train_n)
+    index.nprobe = min(nprobe, n_cells)
+    return index
+
+
+def _knn_faiss(train_X: Tensor, query_X: Tensor, k: int, exclude_self: bool, approximate: bool = False,
+               nprobe: int = 8) -> tuple[Tensor, Tensor]:
     try:
         import faiss  # noqa: PLC0415 -- optional dependency, imported only when asked for
     except ImportError as err:
@@ -109,7 +131,7 @@ def _knn_faiss(train_X: Tensor, query_X: Tensor, k: int, exclude_self: bool) -> 
                           "'layerlens-toolkit[faiss]'), or use backend='torch', which is exact too.") from err
     train_n = _normalise(train_X.float()).cpu().contiguous().numpy()
     query_n = _normalise(query_X.float()).cpu().contiguous().numpy()
-    index = faiss.IndexFlatIP(train_n.shape[1])
+    index = _faiss_index(faiss, train_n, approximate, nprobe)
     index.add(train_n)
     sims, idx = index.search(query_n, k + int(exclude_self))
     idx_t, sim_t = torch.from_numpy(idx).long(), torch.from_numpy(sims)
