@@ -6,7 +6,7 @@ import importlib
 import os
 from pathlib import Path
 
-BENCHMARKS = ("collect",)
+BENCHMARKS = ("collect", "decompose")
 
 
 def main() -> None:

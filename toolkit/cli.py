@@ -5,6 +5,7 @@ Commands:
     collect   collect hidden states at layer boundaries for a corpus (cached on disk)
     decompose tokenwise decomposition of layer updates: fits, residual geometry, KL, report
     jacobian  detached Jacobian of a prompt: exact reconstruction, SVD decoded to tokens, report
+    steer     steer generation with a concept prompt's detached Jacobian (eq. 16), side by side
     demo      the main job on the embedded default model and corpus, at a small scale
 """
 from __future__ import annotations
@@ -130,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_decompose)
     from toolkit.jacobian.cli_command import add_jacobian_parser
     add_jacobian_parser(sub)
+    from toolkit.jacobian.steer_command import add_steer_parser
+    add_steer_parser(sub)
     p = sub.add_parser("demo", help="the main job on the embedded default, small scale")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--model", default="smollm2-135m")

@@ -191,15 +191,21 @@ class Backend(ABC):
 
 @dataclass
 class Patch:
-    """Replace ``h_layer[rows[i], positions[i]]`` by ``values[i]`` (rows, positions: [n]; values: [n, d])."""
+    """Replace ``h_layer[rows[i], positions[i]]`` by ``values[i]`` (rows, positions: [n]; values: [n, d]).
+
+    With ``add=True`` the values are *added* to the residual stream instead of replacing it
+    (steering edits: ``h_layer[rows[i], positions[i]] += values[i]``).
+    """
 
     layer: int
     rows: Tensor
     positions: Tensor
     values: Tensor
+    add: bool = False
 
     def on(self, device: torch.device, dtype: torch.dtype) -> "Patch":
-        return Patch(self.layer, self.rows.to(device), self.positions.to(device), self.values.to(device, dtype))
+        return Patch(self.layer, self.rows.to(device), self.positions.to(device), self.values.to(device, dtype),
+                     self.add)
 
 
 def normalize_patch(positions: Tensor, values: Tensor, batch: int, d_model: int) -> tuple[Tensor, Tensor]:

@@ -61,6 +61,9 @@ class NNsightBackend(Backend):
                     target = blocks[patch.layer - 1].output
                 else:
                     target = blocks[patch.layer].input
-                target[patch.rows, patch.positions] = patch.values
+                if patch.add:
+                    target[patch.rows, patch.positions] = target[patch.rows, patch.positions] + patch.values
+                else:
+                    target[patch.rows, patch.positions] = patch.values
             out = self.traced.output.save()
         return out.logits if hasattr(out, "logits") else out[0]

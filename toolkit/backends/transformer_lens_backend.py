@@ -58,7 +58,10 @@ class TransformerLensBackend(Backend):
 
             def replace(resid: Tensor, hook, patch: Patch = patch) -> Tensor:
                 resid = resid.clone()
-                resid[patch.rows, patch.positions] = patch.values
+                if patch.add:
+                    resid[patch.rows, patch.positions] += patch.values
+                else:
+                    resid[patch.rows, patch.positions] = patch.values
                 return resid
 
             hooks.append((self.hook_name(patch.layer), replace))

@@ -88,7 +88,7 @@ def decompose(model: Backend, corpus: str | Corpus = "embedded", *, layers: Sequ
               seed: int = 0, compare_mlp: bool = True, mlp_steps: int = 300, random_control: bool = True,
               kl_positions: Literal["next", "later"] = "next", sweep_layer: int | None = None,
               sweep_k: Sequence[int] = (), sweep_rank: Sequence[int] = (), batch_size: int = 8,
-              n_boot: int = 1000, progress: bool = True) -> DecompositionResult:
+              n_boot: int = 1000, progress: bool = True, use_cache: bool = True) -> DecompositionResult:
     """Run the tokenwise decomposition of layer updates (defaults: the paper's setup, appendix A.2).
 
     Args:
@@ -97,6 +97,7 @@ def decompose(model: Backend, corpus: str | Corpus = "embedded", *, layers: Sequ
         compare_mlp: also fit a global MLP per layer (Table 2's comparison); ``mlp_steps`` Adam steps.
         random_control: also measure KL for an equal-norm random perturbation of ``h_{l+1}``.
         sweep_layer, sweep_k, sweep_rank: Figure 5's sweeps at one layer (default: the middle one).
+        use_cache: reuse (and write) the on-disk cache of collected states.
     """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -110,7 +111,7 @@ def decompose(model: Backend, corpus: str | Corpus = "embedded", *, layers: Sequ
     need = sorted(set(layers) | ({sweep_layer} if (sweep_k or sweep_rank) else set()))
     train, test = collect_from_corpus(model, corpus, n_train=n_train, n_test=n_test, seq_len=seq_len,
                                       per_text=per_text, layers=need, seed=seed, batch_size=batch_size,
-                                      progress=progress)
+                                      progress=progress, use_cache=use_cache)
     timings["collect_s"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()

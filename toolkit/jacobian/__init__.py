@@ -8,7 +8,10 @@
 * :mod:`~toolkit.jacobian.bridge_rules` — TransformerBridge components made transparent while frozen;
 * :mod:`~toolkit.jacobian.through_backend` — ``backend_jacobian``: the same Jacobian via nnsight / TransformerLens;
 * :mod:`~toolkit.jacobian.analysis` — SVD per position, decoding to tokens, stable rank (``JacobianSVD``);
-* :mod:`~toolkit.jacobian.cli_command` — the ``jacobian`` command (``add_jacobian_parser``).
+* :mod:`~toolkit.jacobian.cli_command` — the ``jacobian`` command (``add_jacobian_parser``);
+* :mod:`~toolkit.jacobian.steering` — ``steer`` / ``steering_sweep``: steering with a concept prompt's
+  detached Jacobian (eq. 16), results in :mod:`~toolkit.jacobian.steering_result`;
+* :mod:`~toolkit.jacobian.steer_command` — the ``steer`` command (``add_steer_parser``).
 
 Example:
     >>> import torch
@@ -28,3 +31,8 @@ __all__ = ["detached_jacobian", "ordinary_jacobian", "input_embeddings", "target
            "jacobian_terms", "build_result",
            "linear_map", "detached", "check_supported", "FreezeSession", "FactorStore", "UnsupportedModuleError",
            "FreezeError", "register_rule", "DetachedJacobian"]
+
+from toolkit.jacobian.steering import ConceptOperator, steer, steering_sweep  # noqa: E402
+from toolkit.jacobian.steering_result import SteeringResult, SteeringRun  # noqa: E402
+
+__all__ += ["steer", "steering_sweep", "ConceptOperator", "SteeringResult", "SteeringRun"]
