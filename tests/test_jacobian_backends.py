@@ -83,3 +83,13 @@ def test_bad_backend_and_target(smollm2_tokenizer):
     with pytest.raises(ValueError, match="training mode"):
         backend_jacobian(model, IDS)
     model.hf_model.eval()
+
+
+@pytest.mark.parametrize("arch", ["mamba", "gemma3", "gpt_neox", "qwen3"])
+def test_tiny_nnsight_equals_direct_on_other_architectures(arch, smollm2_tokenizer):
+    """nnsight serves Mamba and Gemma (and can serve Pythia): same Jacobian as the direct path."""
+    hf = tiny_hf_model(arch, vocab_size=smollm2_tokenizer.vocab_size)
+    ref = detached_jacobian(hf, IDS, target="output")
+    via_nn = backend_jacobian(make_backend(hf, smollm2_tokenizer, backend="nnsight"), IDS, target="output")
+    assert via_nn.reconstruction_error < 1e-5, via_nn
+    assert rel(via_nn.jacobian, ref.jacobian) < 1e-5

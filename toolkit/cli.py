@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_corpus_args(p, n_train=2000, n_test=500)
     p.add_argument("--function-class", default="lowrank",
                    help="lowrank, diag_local, diag_global, orthogonal or mlp")
-    p.add_argument("--form", default="plain", choices=["plain", "update"], help="T(h)=Ah, or h + A(h-mu) + b")
+    p.add_argument("--form", default="update", choices=["plain", "update"],
+                   help="update: T(h) = h + A(h-mu) + b (default, matches the paper's RelErr range); plain: T(h) = Ah")
     p.add_argument("--k", type=int, default=64, help="nearest neighbours per anchor")
     p.add_argument("--rank", type=int, default=64, help="rank of the local map (lowrank)")
     p.add_argument("--no-mlp", action="store_true", help="skip the global MLP comparison")

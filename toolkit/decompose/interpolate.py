@@ -74,7 +74,7 @@ def distance_weights(similarities: Tensor, weighting: Literal["softmax", "invers
 
 
 def interpolate_maps(train_X: Tensor, train_Y: Tensor, anchor_X: Tensor, query_X: Tensor, function_class: str,
-                     k: int = 64, n_anchors: int = 4, form: Form = "plain", rank: int | None = None,
+                     k: int = 64, n_anchors: int = 4, form: Form = "update", rank: int | None = None,
                      weighting: Literal["softmax", "inverse"] = "softmax", temperature: float = 0.05,
                      exclude_self: bool = False, chunk_size: int = 256, rcond: float | None = None,
                      knn_backend: str = "torch") -> InterpolatedFit:

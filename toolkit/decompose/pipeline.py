@@ -83,7 +83,7 @@ def fit_layer(train: CollectedStates, test: CollectedStates, layer: int, functio
 
 
 def decompose(model: Backend, corpus: str | Corpus = "embedded", *, layers: Sequence[int] | None = None,
-              function_class: str = "lowrank", form: Literal["plain", "update"] = "plain", k: int = 64,
+              function_class: str = "lowrank", form: Literal["plain", "update"] = "update", k: int = 64,
               rank: int | None = 64, n_train: int = 2000, n_test: int = 500, seq_len: int = 192, per_text: int = 8,
               seed: int = 0, compare_mlp: bool = True, mlp_steps: int = 300, random_control: bool = True,
               kl_positions: Literal["next", "later"] = "next", sweep_layer: int | None = None,

@@ -77,7 +77,8 @@ def nnsight_target_function(model: Backend, input_ids: Tensor, target: Target = 
     def f(x: Tensor) -> Tensor:
         if target == 0:
             return x[position]
-        with traced.trace(ids):
+        # use_cache=False: a Mamba cache would carry state outside the frozen map.
+        with traced.trace(ids, use_cache=False):
             blocks[0].input = x[None]
             # Base model output = final norm applied; a block's output (transformers 5: a tensor).
             h = base.output[0] if target == "output" else blocks[target - 1].output

@@ -36,7 +36,8 @@ def rel_err_kl_scatter(result, layer: int | None = None, max_points: int = 4000)
     sel = np.ones(len(a["layer"]), bool) if layer is None else a["layer"] == layer
     idx = np.flatnonzero(sel)[:max_points]
     hover = [f"layer {a['layer'][i]}, text {a['text'][i]}, pos {a['position'][i]}<br>"
-             f"token <b>{html.escape(repr(str(a['token'][i])))}</b><br>…{html.escape(str(a['context'][i]))}"
+             f"token <b>{html.escape(repr(str(a['token'][i])), quote=False)}</b><br>…"
+             f"{html.escape(str(a['context'][i]), quote=False)}"
              for i in idx]
     fig = go.Figure(go.Scattergl(x=a["rel_err"][idx], y=np.maximum(a["kl"][idx], 1e-12), mode="markers",
                                  marker=dict(size=5, color=a["layer"][idx], colorscale="Viridis", showscale=True,
