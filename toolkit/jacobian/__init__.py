@@ -12,6 +12,12 @@
 * :mod:`~toolkit.jacobian.steering` — ``steer`` / ``steering_sweep``: steering with a concept prompt's
   detached Jacobian (eq. 16), results in :mod:`~toolkit.jacobian.steering_result`;
 * :mod:`~toolkit.jacobian.steer_command` — the ``steer`` command (``add_steer_parser``).
+* :mod:`~toolkit.jacobian.targets` — what a Jacobian is of: ``"output"``, boundaries, ``"attn.l"``, ``"mlp.l"``,
+  ``"layer.l"`` (one block's own transform ``h_l -> h_{l+1}``);
+* :mod:`~toolkit.jacobian.operator` — the frozen Jacobian as a matrix-free operator (batched JVPs / VJPs);
+* :mod:`~toolkit.jacobian.matrix_free` — top-k SVD without forming ``J`` (``jacobian_svd``);
+* :mod:`~toolkit.jacobian.all_layers` — every layer's Jacobian from one forward sweep or per-layer VJPs;
+* :mod:`~toolkit.jacobian.layerwise` — per-layer spectra, stable / energy rank, overlap with the last layer.
 
 Example:
     >>> import torch
@@ -36,3 +42,12 @@ from toolkit.jacobian.steering import ConceptOperator, steer, steering_sweep  # 
 from toolkit.jacobian.steering_result import SteeringResult, SteeringRun  # noqa: E402
 
 __all__ += ["steer", "steering_sweep", "ConceptOperator", "SteeringResult", "SteeringRun"]
+
+from toolkit.jacobian.all_layers import LayerJacobians, all_layer_jacobians  # noqa: E402
+from toolkit.jacobian.layerwise import LayerwiseSpectra, layerwise_spectra  # noqa: E402
+from toolkit.jacobian.matrix_free import TopSVD, jacobian_svd, randomized_svd  # noqa: E402
+from toolkit.jacobian.operator import FrozenOperator, frozen_operator  # noqa: E402
+from toolkit.jacobian.targets import resolve_target, target_input  # noqa: E402
+
+__all__ += ["all_layer_jacobians", "LayerJacobians", "layerwise_spectra", "LayerwiseSpectra", "jacobian_svd",
+            "randomized_svd", "TopSVD", "frozen_operator", "FrozenOperator", "resolve_target", "target_input"]

@@ -1,16 +1,19 @@
-"""Detached (and ordinary) Jacobians of a HF causal LM with respect to its input embeddings.
+"""Detached (and ordinary) Jacobians of a HF causal LM: ``J_i = dy/dx_i`` with ``y``, ``x`` and ``c``.
 
 ``x = h_0`` is the input of the first block (token embeddings, plus GPT-2's learned
 position embeddings, times Gemma's embedding scale), one row per position, and ``y`` is
 by default the final-norm hidden state at the last position (the paper's output
-embedding) or the residual stream ``h_l`` at a boundary ``l`` (see
-:mod:`toolkit.backends.base`). The model is run from ``h_0`` through ``inputs_embeds``;
-for GPT-2 the position embedding is already inside ``x``, so the model's own ``wpe`` is
-zeroed for the call.
+embedding), the residual stream ``h_l`` at a boundary ``l`` (see
+:mod:`toolkit.backends.base`), a block's attention or MLP output (``"attn.l"``,
+``"mlp.l"``), or ``h_{l+1}`` as a function of ``h_l`` for one layer's own transform
+(``"layer.l"``, where ``x = h_l``); see :mod:`toolkit.jacobian.targets`. The model is run
+from ``x`` through ``inputs_embeds`` (or by replacing block ``l``'s input); for GPT-2 the
+position embedding is already inside ``x``, so the model's own ``wpe`` is zeroed for the call.
 
 Rows of ``J = dy/dx`` are batched vector-Jacobian products, ``chunk_size`` output
 dimensions per backward pass (``autograd.grad(..., is_grads_batched=True)``), so memory
-stays bounded by one chunk. With the freeze on, the map is affine: the constant
+stays bounded by one chunk; ``mode="forward"`` builds the columns from batched JVPs instead
+(cheaper when ``T * d_in < d_out``). With the freeze on, the map is affine: the constant
 ``c = F(0)`` is evaluated with the factors recorded at ``x`` held fixed, and
 ``y = sum_i J_i x_i + c`` holds to float rounding.
 
@@ -21,67 +24,48 @@ Example:
     >>> result = detached_jacobian(model, torch.tensor([1, 2, 3, 4]))
     >>> result.jacobian.shape, result.reconstruction_error < 1e-5
     (torch.Size([4, 64, 64]), True)
+    >>> detached_jacobian(model, torch.tensor([1, 2, 3]), target="mlp.1").reconstruction_error < 1e-5
+    True
 """
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
-from typing import Callable, Iterator, Literal, Union
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from toolkit.jacobian.freeze import detached as frozen
+from toolkit.jacobian.operator import Mode, basis, batched_vjp, frozen_operator
 from toolkit.jacobian.result import DetachedJacobian
+from toolkit.jacobian.targets import (Target, _as_ids, input_embeddings, resolve_target, state_function,
+                                      target_input)
 from toolkit.models.architectures import spec_for
 
-Target = Union[int, Literal["output"]]
-
-# Learned absolute position embeddings, attribute of the base model: part of x = h_0, not of the map.
-_POSITION_EMBEDDINGS = {"gpt2": "wpe"}
+__all__ = ["Target", "input_embeddings", "target_function", "jacobian_rows", "linear_map", "detached_jacobian",
+           "jacobian_terms", "build_result", "ordinary_jacobian"]
 
 
 def _check_target(hf_model: nn.Module, target: Target) -> Target:
+    """``"output"`` or an int boundary (what the backend paths support); anything else is refused."""
     n_layers = len(spec_for(hf_model).blocks(hf_model))
     if target == "output" or (isinstance(target, int) and not isinstance(target, bool) and 0 <= target <= n_layers):
         return target
     raise ValueError(f"target {target!r} is not 'output' or a layer boundary 0..{n_layers} "
-                     f"(0 = embeddings, {n_layers} = last block output before the final norm).")
+                     f"(0 = embeddings, {n_layers} = last block output before the final norm). Component "
+                     f"targets ('attn.l', 'mlp.l', 'layer.l') are computed on the HF model with "
+                     f"toolkit.jacobian.detached_jacobian.")
 
 
-def _as_ids(input_ids: Tensor) -> Tensor:
-    ids = torch.as_tensor(input_ids)
-    if ids.ndim == 2 and ids.shape[0] == 1:
-        ids = ids[0]
-    if ids.ndim != 1 or ids.numel() == 0:
-        raise ValueError(f"input_ids must be one non-empty sequence ([T] or [1, T]), got shape {tuple(ids.shape)}.")
-    return ids.long()
+def target_function(hf_model: nn.Module, target: Target = "output", position: int = -1, *,
+                    input_ids: Tensor | None = None) -> Callable[[Tensor], Tensor]:
+    """``f(x) -> y``: from the target's input ``x`` (``[T, d]``) to the target state at ``position`` (``[d]``).
 
-
-def input_embeddings(hf_model: nn.Module, input_ids: Tensor) -> Tensor:
-    """``h_0`` for one sequence: ``[T, d_model]``, detached (the first block's input).
-
-    Example:
-        >>> import torch
-        >>> from toolkit.models.tiny import tiny_hf_model
-        >>> input_embeddings(tiny_hf_model("gpt2"), torch.tensor([1, 2])).shape
-        torch.Size([2, 64])
-    """
-    spec = spec_for(hf_model)
-    ids = _as_ids(input_ids).to(next(hf_model.parameters()).device)
-    with torch.no_grad():
-        x = hf_model.get_input_embeddings()(ids)  # Gemma's scaled embedding applies its sqrt(d) here
-        pos_attr = _POSITION_EMBEDDINGS.get(spec.family)
-        if pos_attr is not None:
-            x = x + getattr(spec.base(hf_model), pos_attr)(torch.arange(ids.numel(), device=ids.device))
-    return x.detach()
-
-
-def target_function(hf_model: nn.Module, target: Target = "output", position: int = -1) -> Callable[[Tensor], Tensor]:
-    """``f(x) -> y``: from ``h_0`` (``[T, d]``) to the target state at ``position`` (``[d]``).
-
-    Runs the base model on ``inputs_embeds`` and reads the target with a forward hook (the
-    final norm for ``"output"``, block ``l-1`` for boundary ``l``). Frozen or not depends on
-    whether it is called inside :func:`toolkit.jacobian.freeze.detached`.
+    Runs the base model on ``x`` and reads the target with a forward hook (the final norm for
+    ``"output"``, block ``l-1`` for boundary ``l``, the sublayer for ``"attn.l"``/``"mlp.l"``),
+    stopping once it is read; ``"layer.l"`` needs ``input_ids`` (see
+    :func:`toolkit.jacobian.targets.state_function`). Frozen or not depends on whether it is
+    called inside :func:`toolkit.jacobian.freeze.detached`.
 
     Example:
         >>> import torch
@@ -91,29 +75,7 @@ def target_function(hf_model: nn.Module, target: Target = "output", position: in
         >>> f(input_embeddings(model, torch.tensor([1, 2, 3]))).shape
         torch.Size([64])
     """
-    spec = spec_for(hf_model)
-    target = _check_target(hf_model, target)
-    base = spec.base(hf_model)
-    pos_attr = _POSITION_EMBEDDINGS.get(spec.family)
-
-    def f(x: Tensor) -> Tensor:
-        if x.ndim != 2:
-            raise ValueError(f"x must be [T, d_model], got shape {tuple(x.shape)}.")
-        if target == 0:
-            return x[position]
-        read = spec.final_norm(hf_model) if target == "output" else spec.blocks(hf_model)[target - 1]
-        captured: list[Tensor] = []
-        handles = [read.register_forward_hook(
-            lambda _m, _a, out: captured.append(out[0] if isinstance(out, tuple) else out))]
-        if pos_attr is not None:  # x already holds the learned positions
-            handles.append(getattr(base, pos_attr).register_forward_hook(lambda _m, _a, out: torch.zeros_like(out)))
-        try:
-            base(inputs_embeds=x[None], use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
-        return captured[-1][0, position]
-    return f
+    return state_function(hf_model, target, input_ids=input_ids, position=position)
 
 
 def jacobian_rows(y: Tensor, x: Tensor, chunk_size: int = 64) -> Tensor:
@@ -134,20 +96,13 @@ def jacobian_rows(y: Tensor, x: Tensor, chunk_size: int = 64) -> Tensor:
         raise ValueError(f"y must be a vector [d_out], got shape {tuple(y.shape)}.")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
-    d_out = y.shape[0]
-    rows = []
-    for start in range(0, d_out, chunk_size):
-        stop = min(start + chunk_size, d_out)
-        cotangents = torch.zeros(stop - start, d_out, dtype=y.dtype, device=y.device)
-        cotangents[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
-        (grads,) = torch.autograd.grad(y, x, grad_outputs=cotangents, retain_graph=True, is_grads_batched=True)
-        rows.append(grads)  # [chunk, T, d_in]
-    return torch.cat(rows).movedim(0, -2).contiguous()
+    eye = torch.eye(y.shape[0], dtype=y.dtype, device=y.device)
+    return batched_vjp(y, x, eye, chunk_size).movedim(0, -2).contiguous()
 
 
 @contextmanager
-def linear_map(hf_model: nn.Module, x_star: Tensor, target: Target = "output",
-               position: int = -1) -> Iterator[Callable[[Tensor], Tensor]]:
+def linear_map(hf_model: nn.Module, x_star: Tensor, target: Target = "output", position: int = -1, *,
+               input_ids: Tensor | None = None) -> Iterator[Callable[[Tensor], Tensor]]:
     """The frozen model as a fixed affine map: factors recorded at ``x_star``, any input after.
 
     Inside the block, ``F(x)`` evaluates the model with every detached factor taken from the
@@ -163,7 +118,7 @@ def linear_map(hf_model: nn.Module, x_star: Tensor, target: Target = "output",
         >>> c.shape
         torch.Size([64])
     """
-    f = target_function(hf_model, target, position)
+    f = target_function(hf_model, target, position, input_ids=input_ids)
     with frozen(hf_model) as freeze:
         with freeze.recording(), torch.no_grad():
             f(x_star)
@@ -172,17 +127,21 @@ def linear_map(hf_model: nn.Module, x_star: Tensor, target: Target = "output",
 
 
 def detached_jacobian(hf_model: nn.Module, input_ids: Tensor, *, target: Target = "output", position: int = -1,
-                      detached: bool = True, chunk_size: int = 64, model_id: str | None = None) -> DetachedJacobian:
+                      detached: bool = True, chunk_size: int = 64, mode: Mode = "reverse",
+                      model_id: str | None = None) -> DetachedJacobian:
     """The detached Jacobian ``J_i = dy/dx_i`` for every input position, with ``y``, ``x`` and ``c``.
 
     Args:
         hf_model: a supported HF causal LM in eval mode.
         input_ids: one sequence, ``[T]`` or ``[1, T]``.
-        target: ``"output"`` (final-norm state, the paper's output embedding) or a boundary ``l``.
+        target: ``"output"`` (final-norm state, the paper's output embedding), a boundary ``l``,
+            ``"attn.l"`` / ``"mlp.l"`` (block ``l``'s sublayer outputs), or ``"layer.l"`` (block
+            ``l``'s own transform: ``x = h_l``); see :mod:`toolkit.jacobian.targets`.
         position: which position's ``y`` (default the last).
         detached: ``False`` gives the ordinary Jacobian of the same map (for contrast); its
             ``c`` is the unfrozen model at zero input, so its reconstruction is not exact.
-        chunk_size: output rows per batched backward pass (memory bound).
+        chunk_size: rows (reverse) or columns (forward) per batched pass (memory bound).
+        mode: ``"reverse"`` (``d_out`` VJPs, the default) or ``"forward"`` (``T * d_in`` JVPs).
 
     Example:
         >>> import torch
@@ -190,25 +149,30 @@ def detached_jacobian(hf_model: nn.Module, input_ids: Tensor, *, target: Target 
         >>> r = detached_jacobian(tiny_hf_model("gpt2"), torch.tensor([4, 8, 15]), target=1)
         >>> r.reconstruction_error < 1e-5, r.jacobian.shape   # GPT-2 is affine: c carries the biases
         (True, torch.Size([3, 64, 64]))
+        >>> r = detached_jacobian(tiny_hf_model("llama"), torch.tensor([4, 8, 15]), target="layer.1")
+        >>> r.settings["input"], r.reconstruction_error < 1e-5   # x = h_1, y = h_2 at the last position
+        ('h_1', True)
     """
     if hf_model.training:
         raise ValueError("the model is in training mode (dropout active); call hf_model.eval() first.")
     ids = _as_ids(input_ids)
-    x = input_embeddings(hf_model, ids)
-    y, jac, c = jacobian_terms(hf_model, target_function(hf_model, target, position), x, detached=detached,
-                               chunk_size=chunk_size)
-    return build_result(hf_model, ids, x, y, jac, c, target=target, position=position, detached=detached,
-                        chunk_size=chunk_size, model_id=model_id)
+    spec = resolve_target(hf_model, target)
+    x = target_input(hf_model, ids, spec)
+    f = state_function(hf_model, spec, input_ids=ids, position=position)
+    y, jac, c = jacobian_terms(hf_model, f, x, detached=detached, chunk_size=chunk_size, mode=mode)
+    return build_result(hf_model, ids, x, y, jac, c, target=spec.name, position=position, detached=detached,
+                        chunk_size=chunk_size, model_id=model_id, input=spec.input_name, mode=mode)
 
 
 def jacobian_terms(hf_model: nn.Module, f: Callable[[Tensor], Tensor], x: Tensor, *, detached: bool = True,
-                   chunk_size: int = 64) -> tuple[Tensor, Tensor, Tensor]:
-    """``(y, J, c)`` of any ``f: h_0 [T, d] -> y [d_out]`` that runs ``hf_model``, frozen or not.
+                   chunk_size: int = 64, mode: Mode = "reverse") -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, J, c)`` of any ``f: x [T, d] -> y [d_out]`` that runs ``hf_model``, frozen or not.
 
-    This is the one place where the freeze, the chunked rows and the constant term meet; the
-    direct path (:func:`detached_jacobian`) and the backend paths
-    (:mod:`toolkit.jacobian.through_backend`) only differ in ``f``. Detached: the factors are
-    recorded at ``x`` and ``c = F(0)`` replays them; ordinary: ``c`` is the plain model at zero.
+    This is the one place where the freeze, the chunked rows (or columns) and the constant
+    term meet, through :func:`toolkit.jacobian.operator.frozen_operator`; the direct path
+    (:func:`detached_jacobian`) and the backend paths (:mod:`toolkit.jacobian.through_backend`)
+    only differ in ``f``. Detached: the factors are recorded at ``x`` and ``c = F(0)`` replays
+    them; ordinary: ``c`` is the plain model at zero. ``J`` is ``[T, d_out, d_in]``.
 
     Example:
         >>> import torch
@@ -219,13 +183,20 @@ def jacobian_terms(hf_model: nn.Module, f: Callable[[Tensor], Tensor], x: Tensor
         >>> J.shape, float(c.norm())   # bias-free Llama: no constant term
         (torch.Size([3, 64, 64]), 0.0)
     """
-    xg = x.detach().clone().requires_grad_(True)
-    with frozen(hf_model) if detached else nullcontext() as freeze, torch.enable_grad():
-        with freeze.recording() if detached else nullcontext():
-            y = f(xg)
-        jac = jacobian_rows(y, xg, chunk_size)
-        with freeze.replaying() if detached else nullcontext(), torch.no_grad():
-            c = f(torch.zeros_like(x))
+    with frozen_operator(hf_model, f, x, detached=detached, chunk_size=chunk_size) as op:
+        y = op.y
+        if y.ndim != 1:
+            raise ValueError(f"y must be a vector [d_out], got shape {tuple(y.shape)}.")
+        d_out = y.shape[0]
+        if mode == "reverse":  # rows written in place: peak memory = J + one chunk
+            jac = x.new_empty(*x.shape[:-1], d_out, x.shape[-1])  # [T, d_out, d_in]
+            for start in range(0, d_out, chunk_size):
+                stop = min(start + chunk_size, d_out)
+                rows = op.vjp(basis(d_out, start, stop, dtype=y.dtype, device=y.device))  # [chunk, T, d_in]
+                jac[..., start:stop, :] = rows.movedim(0, -2)
+        else:
+            jac = op.dense(mode).reshape(d_out, *x.shape).movedim(0, -2).contiguous()
+        c = op.constant()
     return y.detach(), jac.detach(), c.detach()
 
 

@@ -9,6 +9,14 @@ Before patching anything, every module of the model is checked against the rule 
 a module kind without a rule stops with :class:`UnsupportedModuleError` naming its
 class and path, so nothing is silently left nonlinear.
 
+While frozen, attention runs through the model's own *eager* kernel (``softmax(QK^T) V`` with
+an explicit pattern; the configuration's ``_attn_implementation`` is switched for the block
+and restored after, as TransformerLens' bridge does permanently). Values are those of the
+fused kernels to float rounding, and with the pattern a plain constant: the backward pass
+only touches ``V`` (no wasted ``dQ``/``dK``), batched VJPs run without per-sample fallbacks
+(SDPA's backward has no vmap rule), and forward-mode AD (``torch.func.jvp``, which SDPA and
+flash attention do not support) works, so Jacobian columns and matrix-free SVDs are possible.
+
 Example:
     >>> import torch
     >>> from toolkit.models.tiny import tiny_hf_model
@@ -101,6 +109,34 @@ def check_supported(hf_model: nn.Module) -> dict[str, str]:
     return kinds
 
 
+def eager_attention(hf_model: nn.Module) -> list[Undo]:
+    """Switch every configuration in ``hf_model`` to the eager attention kernel; returns the undos.
+
+    The base model builds its masks and each attention module picks its kernel from
+    ``config._attn_implementation`` at call time, so the switch holds for every forward
+    pass until undone (see the module docstring for why the freeze wants it).
+
+    Example:
+        >>> from toolkit.models.tiny import tiny_hf_model
+        >>> model = tiny_hf_model("llama")
+        >>> undo = eager_attention(model)
+        >>> model.config._attn_implementation
+        'eager'
+        >>> for u in undo: u()
+        >>> model.config._attn_implementation
+        'sdpa'
+    """
+    configs = {id(c): c for c in (getattr(m, "config", None) for m in hf_model.modules())
+               if c is not None and hasattr(c, "_attn_implementation")}
+    undos: list[Undo] = []
+    for config in configs.values():
+        old = config._attn_implementation
+        if old != "eager":
+            config._attn_implementation = "eager"
+            undos.append(lambda config=config, old=old: setattr(config, "_attn_implementation", old))
+    return undos
+
+
 @contextmanager
 def detached(hf_model: nn.Module, store: FactorStore | None = None) -> Iterator[FreezeSession]:
     """Freeze ``hf_model``'s nonlinear factors for the duration of the block (reversible).
@@ -125,6 +161,7 @@ def detached(hf_model: nn.Module, store: FactorStore | None = None) -> Iterator[
     undos: list[Undo] = []
     _ACTIVE.add(hf_model)
     try:
+        undos.extend(eager_attention(hf_model))
         for path, module in hf_model.named_modules():
             rule = rule_for(module)
             if rule.install is not None:

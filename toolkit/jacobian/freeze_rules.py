@@ -13,8 +13,8 @@ activation           ``x * [act(x)/x]``: SiLU ``x·[σ(x)]``, GELU ``x·[Φ(x)]`
 gated MLP            ``down([act(gate(x))] * up(x))``  (SwiGLU / GeGLU: the whole gate is the factor)
 attention            queries and keys are detached at their projection, so the softmax pattern
                      (rotary, QK-norm, logit softcap, masks included) is a constant and only
-                     ``V -> O`` stays in the graph; works for every attention implementation
-                     (eager, sdpa, flash) because the implementation itself is not touched
+                     ``V -> O`` stays in the graph; the kernel itself is not touched (the freeze
+                     runs it eagerly, see :func:`toolkit.jacobian.freeze.eager_attention`)
 Mamba mixer          ``Δ`` (through its softplus), ``B``, ``C`` = ``[x_proj(u)]``; the conv SiLU as
                      ``u·[σ(u)]``; the output gate ``[silu(z)]``: the scan is linear in ``u``
 linear               modules that only add, project, reshape, embed or drop (in eval mode)
@@ -217,10 +217,36 @@ def _install_gated_mlp(m: nn.Module, path: str, store: FactorStore) -> list[Undo
 
 
 # ----- attention: detach queries and keys at their projections -------------------------------
+def _batch_like(factor: Tensor, live: Tensor) -> Tensor:
+    """A replayed factor recorded for one sequence, broadcast to a live batch of sequences.
+
+    Replaying a batch ``[B, ...]`` through factors recorded at ``[1, ...]`` evaluates the same
+    linear map on ``B`` inputs at once (used for batched Jacobian-vector products).
+    """
+    return factor if factor.shape == live.shape else factor.expand_as(live)
+
+
 def _install_separate_qk(m: nn.Module, path: str, store: FactorStore) -> list[Undo]:
     # Llama / Qwen3 / Gemma3: q_proj and k_proj feed only the pattern (then QK-norm, rotary, scores).
-    return [_hook_output(m.q_proj, lambda out: store.get(f"{path}:q", lambda: out)),
-            _hook_output(m.k_proj, lambda out: store.get(f"{path}:k", lambda: out))]
+    # Their inputs are detached too, so JVPs push no tangents through projections that are dropped,
+    # and while replaying, a projection runs on one sequence only: its output is the recorded factor
+    # (broadcast to the live batch) whatever the input.
+    undos = []
+    for name in ("q", "k"):
+        proj, key, live_batch = getattr(m, f"{name}_proj"), f"{path}:{name}", [1]
+
+        def detach_input(_m, args, live_batch=live_batch):
+            x = args[0]
+            live_batch[0] = x.shape[0]
+            x = x[:1] if store.mode == "replay" else x
+            return (x.detach(),) + tuple(args[1:])
+
+        def factor(_m, _args, out, key=key, live_batch=live_batch):
+            value = store.get(key, lambda: out)
+            return value if value.shape[0] == live_batch[0] else value.expand(live_batch[0], *value.shape[1:])
+
+        undos += [proj.register_forward_pre_hook(detach_input).remove, proj.register_forward_hook(factor).remove]
+    return undos
 
 
 def _install_gpt2_attention(m: nn.Module, path: str, store: FactorStore) -> list[Undo]:
@@ -229,7 +255,7 @@ def _install_gpt2_attention(m: nn.Module, path: str, store: FactorStore) -> list
     d = m.split_size
 
     def detach_qk(out: Tensor) -> Tensor:  # c_attn output is [q | k | v] along the last dim
-        qk = store.get(f"{path}:qk", lambda: out[..., : 2 * d])
+        qk = _batch_like(store.get(f"{path}:qk", lambda: out[..., : 2 * d]), out[..., : 2 * d])
         return torch.cat([qk, out[..., 2 * d:]], dim=-1)
     return [_hook_output(m.c_attn, detach_qk)]
 
@@ -239,7 +265,7 @@ def _install_neox_attention(m: nn.Module, path: str, store: FactorStore) -> list
 
     def detach_qk(out: Tensor) -> Tensor:  # per head [q | k | v], each head_size wide
         per_head = out.unflatten(-1, (-1, 3, hs))
-        qk = store.get(f"{path}:qk", lambda: per_head[..., :2, :])
+        qk = _batch_like(store.get(f"{path}:qk", lambda: per_head[..., :2, :]), per_head[..., :2, :])
         return torch.cat([qk, per_head[..., 2:, :]], dim=-2).flatten(-3)
     return [_hook_output(m.query_key_value, detach_qk)]
 

@@ -26,8 +26,11 @@ class DetachedJacobian:
 
     Fields:
         jacobian: ``[T, d_out, d_in]``, ``J_i = dy/dx_i`` for each input position ``i``.
-        y: ``[d_out]`` the output (final-norm state or residual stream at a boundary, at one position).
-        x: ``[T, d_in]`` the input embeddings ``h_0`` (first block's input).
+        y: ``[d_out]`` the target state at one position (final-norm state, residual stream at a
+           boundary, a block's attention or MLP output, or ``h_{l+1}``; see
+           :mod:`toolkit.jacobian.targets`).
+        x: ``[T, d_in]`` the input: the embeddings ``h_0`` (first block's input), or ``h_l`` for a
+           layer's own transform (target ``"layer.l"``; ``settings["input"]`` says which).
         c: ``[d_out]`` the constant term: the map at zero input (detached: with the factors of ``x``
            held fixed), so that the reconstruction is exact for affine frozen models (GPT-2, Pythia)
            and ``c ~ 0`` for bias-free ones (Llama-style).
