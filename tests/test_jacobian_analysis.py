@@ -122,5 +122,40 @@ def test_jacobian_command_end_to_end(tmp_path, capsys):
 
 def test_parse_target_errors():
     assert parse_target("0") == 0 and parse_target("output") == "output"
-    with pytest.raises(ValueError, match="--layer"):
-        parse_target("middle")
+    assert parse_target("mlp.3") == "mlp.3" and parse_target("Layer.12") == "layer.12"
+    for bad in ("middle", "mlp", "ffn.3", "attn.x"):
+        with pytest.raises(ValueError, match="--layer"):
+            parse_target(bad)
+
+
+def test_jacobian_command_on_a_component(smollm2_nnsight, tmp_path):
+    """A component target (one block's MLP output) runs on the HF model under the same freeze."""
+    from toolkit.jacobian.cli_command import run_jacobian
+    summary = run_jacobian(smollm2_nnsight, "Hi there", target="mlp.3", top_k=2, n_vectors=1, out=tmp_path)
+    assert summary["target"] == "mlp.3"
+    assert summary["detached"]["reconstruction_error"] < 1e-5 < summary["ordinary"]["reconstruction_error"]
+    with pytest.raises(ValueError, match="out of range"):
+        run_jacobian(smollm2_nnsight, "Hi there", target="mlp.30", out=tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma3", "mamba"])
+def test_residual_readout_is_the_frozen_final_norm_then_unembedding(arch):
+    """u @ residual_readout is parallel to W_U applied to the frozen final norm's derivative in u."""
+    from toolkit.jacobian.analysis import residual_readout
+    from toolkit.jacobian.freeze import detached
+    from toolkit.models.architectures import spec_for
+    from toolkit.models.tiny import tiny_hf_model
+
+    model = tiny_hf_model(arch, width=32)
+    norm = spec_for(model).final_norm(model)
+    with torch.no_grad():  # a non-trivial gain (and bias), so a gain-free readout would fail
+        for p in norm.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    W_U = model.get_output_embeddings().weight.detach().T  # [d, vocab]
+    h, u = torch.randn(32), torch.randn(32)
+    with detached(model):
+        J = torch.autograd.functional.jacobian(lambda z: norm(z[None])[0], h)  # frozen: the linear part only
+    expected = (J @ u) @ W_U
+    got = u @ residual_readout(norm, W_U)
+    assert torch.nn.functional.cosine_similarity(expected, got, dim=0) > 1 - 1e-5

@@ -36,3 +36,19 @@ def test_regimes_split_into_tertiles():
     assert sum(r["n"] for r in rows) == 90
     assert rows[0]["rel_err"] < rows[1]["rel_err"] < rows[2]["rel_err"]
     assert all(r["rho"] == pytest.approx(1.0) for r in rows)
+
+
+def test_mean_rho_interval_covers_the_mean_and_shrinks_with_data():
+    from toolkit.decompose.statistics import mean_rho_with_ci
+    rng = np.random.default_rng(6)
+
+    def layers(n):
+        return [(x, x + s * rng.normal(size=n)) for s in (0.5, 1.0, 2.0) for x in [rng.normal(size=n)]]
+    small, large = mean_rho_with_ci(layers(60), n_boot=400), mean_rho_with_ci(layers(2000), n_boot=400)
+    for r in (small, large):
+        assert r["ci_low"] < r["rho_mean"] < r["ci_high"] and r["n_layers"] == 3
+    assert large["ci_high"] - large["ci_low"] < 0.5 * (small["ci_high"] - small["ci_low"])
+    g = layers(100)
+    assert mean_rho_with_ci(g)["rho_mean"] == pytest.approx(np.mean([stats.spearmanr(x, y).statistic for x, y in g]))
+    with pytest.raises(ValueError, match="at least one layer"):
+        mean_rho_with_ci([])

@@ -42,6 +42,7 @@ def run_demo(out: Path, model_name: str = "smollm2-135m", backend: str | None = 
             "table": format_table(summary_rows(result)),
             "rho_pooled": f"{pooled['rho']:.3f} [{pooled['ci_low']:.3f}, {pooled['ci_high']:.3f}]",
             "rho_layer_mean": round(result.model_summary["rho_layer_mean"], 3),
+            "rho_layer_mean_95ci": [round(v, 3) for v in result.model_summary["rho_layer_mean_ci"]],
             "kl_ratio_residual_vs_random": round(result.model_summary["kl_ratio_residual_vs_random"], 2),
             "timings": result.settings["timings"], "total_s": round(time.perf_counter() - t0, 1),
             "jacobian": jacobian_summary,

@@ -24,13 +24,17 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _interval(ci) -> str:
+    return "" if ci is None else f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
 def write_decomposition_report(result, path: str | Path) -> Path:
     s, m = result.settings, result.model_summary
     intro = (f"{s['model_id']} via {s['backend']}; corpus {s['corpus']}; {s['function_class']} ({s['form']} form), "
              f"k={s['k']}, rank={s['rank']}; {s['n_train']} train / {s['n_test']} test texts of {s['seq_len']} "
              f"tokens, {s['per_text']} positions per text. Pooled Spearman rho = {m['rho_pooled']['rho']:.3f} "
              f"[{m['rho_pooled']['ci_low']:.3f}, {m['rho_pooled']['ci_high']:.3f}], mean over layers "
-             f"{m['rho_layer_mean']:.3f}. Removing the residual costs {m['kl_ratio_residual_vs_random']:.2f}x the KL "
+             f"{m['rho_layer_mean']:.3f}{_interval(m.get('rho_layer_mean_ci'))}. Removing the residual costs {m['kl_ratio_residual_vs_random']:.2f}x the KL "
              f"of an equal-norm random perturbation.")
     sections = [Section("Summary", text=intro, table=summary_rows(result)),
                 Section("RelErr vs KL per token (Figure 2b)", figure=figs.rel_err_kl_scatter(result)),

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.decompose.statistics import regimes, spearman_with_ci
+from toolkit.decompose.statistics import mean_rho_with_ci, regimes, spearman_with_ci
 
 KIND = "toolkit.decompose.DecompositionResult"
 VERSION = 1
@@ -84,7 +84,10 @@ class DecompositionResult:
         self.layer_summary = rows
         pooled = spearman_with_ci(a["rel_err"], a["kl"], n_boot=n_boot)
         rhos = np.array([r["rho"] for r in rows])
+        layer_mean = mean_rho_with_ci([(a["rel_err"][a["layer"] == l], a["kl"][a["layer"] == l])
+                                       for l in np.unique(a["layer"])], n_boot=n_boot)
         self.model_summary = {"rho_pooled": pooled.to_dict(), "rho_layer_mean": float(rhos.mean()),
+                              "rho_layer_mean_ci": [layer_mean["ci_low"], layer_mean["ci_high"]],
                               "rho_layer_min": float(rhos.min()), "rho_layer_max": float(rhos.max()),
                               "rel_err_mean": float(a["rel_err"].mean()), "kl_mean": float(a["kl"].mean()),
                               "kl_random_mean": float(a["kl_random"].mean()),

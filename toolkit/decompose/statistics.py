@@ -40,24 +40,57 @@ def _rank_rows(a: np.ndarray) -> np.ndarray:
     return stats.rankdata(a, axis=-1)
 
 
-def spearman_with_ci(x, y, n_boot: int = 1000, confidence: float = 0.95, seed: int = 0) -> SpearmanResult:
-    """Spearman's rho of ``x`` and ``y`` with a percentile bootstrap interval and a p-value."""
-    x, y = _as_1d(x), _as_1d(y)
-    if x.shape != y.shape:
-        raise ValueError(f"x and y must have the same length, got {x.size} and {y.size}.")
-    if x.size < 3:
-        raise ValueError(f"Spearman's rho needs at least 3 anchors, got {x.size}; use more test texts.")
-    res = stats.spearmanr(x, y)
+def _bootstrap_rhos(x: np.ndarray, y: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """``[n_boot]`` Spearman rhos of anchors resampled with replacement (NaN where a resample is constant)."""
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, x.size, size=(n_boot, x.size))
     rx, ry = _rank_rows(x[idx]), _rank_rows(y[idx])
     rx -= rx.mean(axis=1, keepdims=True)
     ry -= ry.mean(axis=1, keepdims=True)
     denom = np.sqrt((rx ** 2).sum(1) * (ry ** 2).sum(1))
-    boots = np.where(denom > 0, (rx * ry).sum(1) / np.where(denom > 0, denom, 1), np.nan)
+    return np.where(denom > 0, (rx * ry).sum(1) / np.where(denom > 0, denom, 1), np.nan)
+
+
+def _checked_pair(x, y) -> tuple[np.ndarray, np.ndarray]:
+    x, y = _as_1d(x), _as_1d(y)
+    if x.shape != y.shape:
+        raise ValueError(f"x and y must have the same length, got {x.size} and {y.size}.")
+    if x.size < 3:
+        raise ValueError(f"Spearman's rho needs at least 3 anchors, got {x.size}; use more test texts.")
+    return x, y
+
+
+def spearman_with_ci(x, y, n_boot: int = 1000, confidence: float = 0.95, seed: int = 0) -> SpearmanResult:
+    """Spearman's rho of ``x`` and ``y`` with a percentile bootstrap interval and a p-value."""
+    x, y = _checked_pair(x, y)
+    res = stats.spearmanr(x, y)
+    alpha = (1 - confidence) / 2
+    lo, hi = np.nanquantile(_bootstrap_rhos(x, y, n_boot, seed), [alpha, 1 - alpha])
+    return SpearmanResult(float(res.statistic), float(lo), float(hi), float(res.pvalue), int(x.size))
+
+
+def mean_rho_with_ci(groups, n_boot: int = 1000, confidence: float = 0.95, seed: int = 0) -> dict:
+    """The mean over groups (layers) of Spearman's rho, with a bootstrap interval: the paper's Table 1 entry.
+
+    ``groups`` is a sequence of ``(x, y)`` pairs, one per layer. Each replicate resamples the
+    anchors *within* every layer and averages the layers' rhos, so the interval is the sampling
+    uncertainty of the mean (the layers themselves are fixed, not drawn).
+
+    Example:
+        >>> rng = np.random.default_rng(1)
+        >>> groups = [(x, x + s * rng.random(100)) for s in (0.1, 1.0) for x in [rng.random(100)]]
+        >>> r = mean_rho_with_ci(groups, n_boot=200)
+        >>> r["ci_low"] < r["rho_mean"] < r["ci_high"] and r["n_layers"] == 2
+        True
+    """
+    pairs = [_checked_pair(x, y) for x, y in groups]
+    if not pairs:
+        raise ValueError("mean_rho_with_ci needs at least one layer.")
+    point = np.mean([stats.spearmanr(x, y).statistic for x, y in pairs])
+    boots = np.nanmean(np.stack([_bootstrap_rhos(x, y, n_boot, seed + i) for i, (x, y) in enumerate(pairs)]), axis=0)
     alpha = (1 - confidence) / 2
     lo, hi = np.nanquantile(boots, [alpha, 1 - alpha])
-    return SpearmanResult(float(res.statistic), float(lo), float(hi), float(res.pvalue), int(x.size))
+    return {"rho_mean": float(point), "ci_low": float(lo), "ci_high": float(hi), "n_layers": len(pairs)}
 
 
 def regimes(rel_err, kl, names=("low", "mid", "high")) -> list[dict]:

@@ -14,9 +14,11 @@ For each input position ``i`` the block ``J_i = dy/dx_i`` (``[d_out, d_in]``) is
 * the **stable rank** ``||J_i||_F^2 / ||J_i||_2^2`` (between 1 and ``min(d_out, d_in)``) says
   how many directions carry the map.
 
-For a boundary target (``y = h_l`` before the final norm) decoding through ``W_U`` is a
-logit-lens reading; the unembedding is applied without the final norm's scale, which a
-direction's top tokens do not depend on except through the norm weight.
+For any other target (a boundary ``y = h_l`` before the final norm, a sublayer output, a
+block's own transform) decoding through ``W_U`` is a logit-lens reading: a residual-stream
+direction is first passed through the final norm's linear part with its scale frozen
+(:func:`residual_readout`: the gain, Gemma's ``1 + w``, LayerNorm's centring), which a
+direction's top tokens depend on; the frozen ``1/rms`` is one positive number and does not.
 
 Example:
     >>> import torch
@@ -174,6 +176,30 @@ class JacobianSVD:
                 f"stable_rank={[round(float(s), 2) for s in self.stable_rank]})")
 
 
+def residual_readout(final_norm: torch.nn.Module, W_U: Tensor) -> Tensor:
+    """``[d, vocab]``: the unembedding as seen from the residual stream, through the frozen final norm.
+
+    A direction ``u`` in the residual stream reaches the logits as ``N(u) @ W_U``, where ``N`` is the
+    final norm's linear part with its scale held fixed: ``g * u`` for RMSNorm (``g = 1 + w`` in
+    Gemma's form), ``w * (u - mean(u))`` for LayerNorm (its bias is no direction). The returned
+    matrix is ``N`` folded into ``W_U``, up to the positive frozen ``1/rms``.
+
+    Example:
+        >>> norm = torch.nn.LayerNorm(3)
+        >>> R = residual_readout(norm, torch.eye(3))
+        >>> torch.allclose(torch.ones(3) @ R, torch.zeros(3), atol=1e-7)   # a constant direction is centred away
+        True
+    """
+    weight = getattr(final_norm, "weight", None)
+    gain = torch.ones(W_U.shape[0]) if weight is None else weight.detach().float().cpu()
+    if type(final_norm).__name__.startswith("Gemma"):  # Gemma's RMSNorm multiplies by (1 + w)
+        gain = 1.0 + gain
+    readout = gain[:, None] * W_U.detach().float().cpu()
+    if isinstance(final_norm, torch.nn.LayerNorm):  # centring: u -> u - mean(u), i.e. C = I - 11^T/d
+        readout = readout - readout.mean(0, keepdim=True)
+    return readout
+
+
 def analyze_jacobian(result: DetachedJacobian, W_U: Tensor, W_E: Tensor, decode: Callable[[int], str], *,
                      top_k: int = 5, n_vectors: int = 3, n_rows: int = 3,
                      str_tokens: Sequence[str] | None = None) -> JacobianSVD:
@@ -220,8 +246,13 @@ def analyze_with_model(result: DetachedJacobian, model, **kwargs) -> JacobianSVD
     ``model`` is anything with ``W_U``, ``W_E`` and ``to_str_tokens`` (a
     :class:`~toolkit.backends.base.Backend`).
 
+    Output-space vectors of the final-norm target (``"output"``) are decoded by ``W_U`` itself,
+    those of every other target through :func:`residual_readout` (the final norm's frozen gain).
+
     Example:
         >>> a = analyze_with_model(detached_jacobian(model.hf_model, ids), model, top_k=5)   # doctest: +SKIP
     """
-    return analyze_jacobian(result, model.W_U, model.W_E, lambda i: model.to_str_tokens([i])[0],
+    target = result.settings.get("target", "output")
+    W_U = model.W_U if target == "output" else residual_readout(model.final_norm, model.W_U)
+    return analyze_jacobian(result, W_U, model.W_E, lambda i: model.to_str_tokens([i])[0],
                             str_tokens=model.to_str_tokens(result.token_ids), **kwargs)

@@ -46,7 +46,8 @@ def add_jacobian_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--backend", default=None, help="transformer_lens (tl) or nnsight; default by architecture")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the text whose last position is explained")
     p.add_argument("--layer", default="output",
-                   help="target: 'output' (final-norm state) or a layer boundary 0..n_layers")
+                   help="target: 'output' (final-norm state), a layer boundary 0..n_layers, or a component: "
+                        "'attn.l' / 'mlp.l' (block l's sublayer output), 'layer.l' (block l's own h_l -> h_{l+1})")
     p.add_argument("--top-k", type=int, default=5, help="decoded tokens per singular vector")
     p.add_argument("--n-vectors", type=int, default=3, help="singular vectors decoded per position")
     p.add_argument("--chunk-size", type=int, default=64, help="Jacobian rows per backward pass")
@@ -55,18 +56,40 @@ def add_jacobian_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+_COMPONENTS = ("attn", "mlp", "layer")
+
+
 def parse_target(layer: str | int) -> str | int:
-    """``'output'`` or an int boundary from the ``--layer`` string.
+    """``'output'``, an int boundary or a component (``'attn.l'``, ``'mlp.l'``, ``'layer.l'``) from ``--layer``.
+
+    Range checks happen later, against the model (:func:`toolkit.jacobian.targets.resolve_target`).
 
     Example:
-        >>> parse_target("output"), parse_target("12")
-        ('output', 12)
+        >>> parse_target("output"), parse_target("12"), parse_target("MLP.3")
+        ('output', 12, 'mlp.3')
     """
     if isinstance(layer, int) or str(layer).lstrip("-").isdigit():
         return int(layer)
-    if str(layer).lower() in ("output", "out", "final"):
+    text = str(layer).strip().lower()
+    if text in ("output", "out", "final"):
         return "output"
-    raise ValueError(f"--layer must be 'output' or a layer boundary (an integer), got {layer!r}.")
+    kind, _, index = text.partition(".")
+    if kind in _COMPONENTS and index.isdigit():
+        return f"{kind}.{int(index)}"
+    raise ValueError(f"--layer must be 'output', a layer boundary (an integer) or a component "
+                     f"('attn.l', 'mlp.l', 'layer.l' with a block index l), got {layer!r}.")
+
+
+def compute_pair(model, ids, target: str | int, chunk_size: int):
+    """Detached and ordinary Jacobians of ``target``: through the backend's own hooks for ``"output"``
+    and boundaries, on ``model.hf_model`` directly for components (the freeze is the same either way)."""
+    from toolkit.jacobian.compute import detached_jacobian
+    from toolkit.jacobian.through_backend import backend_jacobian
+    if target == "output" or isinstance(target, int):
+        return tuple(backend_jacobian(model, ids, target=target, detached=d, chunk_size=chunk_size)
+                     for d in (True, False))
+    return tuple(detached_jacobian(model.hf_model, ids, target=target, detached=d, chunk_size=chunk_size,
+                                   model_id=model.info.model_id) for d in (True, False))
 
 
 def run_jacobian(model, prompt: str = DEFAULT_PROMPT, target: str | int = "output", top_k: int = 5,
@@ -79,20 +102,17 @@ def run_jacobian(model, prompt: str = DEFAULT_PROMPT, target: str | int = "outpu
         True
     """
     from toolkit.jacobian.analysis import analyze_with_model
-    from toolkit.jacobian.through_backend import backend_jacobian
+    from toolkit.jacobian.targets import resolve_target
     from toolkit.plots.jacobian import decoded_tokens_table, reconstruction_scatter, singular_spectra
     from toolkit.report import Section, write_report
 
     out = Path(out)
+    target = resolve_target(model.hf_model, parse_target(target)).name  # bad targets fail before any work
     out.mkdir(parents=True, exist_ok=True)
     ids = model.to_tokens(prompt)[0]
-    timings = {}
     t0 = time.perf_counter()
-    det = backend_jacobian(model, ids, target=target, chunk_size=chunk_size)
-    timings["detached_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    ordinary = backend_jacobian(model, ids, target=target, detached=False, chunk_size=chunk_size)
-    timings["ordinary_s"] = time.perf_counter() - t0
+    det, ordinary = compute_pair(model, ids, target, chunk_size)
+    timings = {"detached_and_ordinary_s": time.perf_counter() - t0}
     analysis = analyze_with_model(det, model, top_k=top_k, n_vectors=n_vectors)
     det.save(out / "detached_jacobian.pt")
 
