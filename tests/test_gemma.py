@@ -10,8 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def gemma():

@@ -47,10 +47,17 @@ __all__ = ["Target", "input_embeddings", "target_function", "jacobian_rows", "li
 
 
 def _check_target(hf_model: nn.Module, target: Target) -> Target:
-    """``"output"`` or an int boundary (what the backend paths support); anything else is refused."""
+    """``"output"`` or an int boundary (what the backend paths support); anything else is refused.
+
+    Validation is :func:`~toolkit.jacobian.targets.resolve_target`'s; this only narrows the kinds.
+    """
+    try:
+        spec = resolve_target(hf_model, target)
+    except ValueError:
+        spec = None
+    if spec is not None and spec.kind in ("output", "boundary"):
+        return spec.name
     n_layers = len(spec_for(hf_model).blocks(hf_model))
-    if target == "output" or (isinstance(target, int) and not isinstance(target, bool) and 0 <= target <= n_layers):
-        return target
     raise ValueError(f"target {target!r} is not 'output' or a layer boundary 0..{n_layers} "
                      f"(0 = embeddings, {n_layers} = last block output before the final norm). Component "
                      f"targets ('attn.l', 'mlp.l', 'layer.l') are computed on the HF model with "
