@@ -14,7 +14,7 @@ import scipy.linalg
 import scipy.optimize
 import torch
 
-from toolkit.decompose import (distance_weights, energy_fraction, fit_global_diag, fit_local_maps, fit_mlp,
+from toolkit.decompose import (distance_weights, energy_fraction, fit_global_diag, fit_local_maps, fit_mlp, fit_mlps,
                                fit_tokenwise, interpolate_maps, knn_cosine, random_baseline, tokenwise_geometry)
 
 F64 = torch.float64
@@ -278,6 +278,19 @@ def test_mlp_is_seeded_beats_identity_and_its_spectrum_is_the_jacobians():
         torch.testing.assert_close(V.T @ V, u @ u.T, atol=1e-4, rtol=0)
 
 
+def test_mlps_trained_together_equal_mlps_trained_alone():
+    pairs = [(X, X + torch.tanh(k * X)) for k, X in ((1, _rand(300, 6, seed=62).float()),
+                                                     (3, _rand(300, 6, seed=63).float()))]
+    together = fit_mlps(pairs, hidden=16, steps=50, lr=3e-3, seed=2)
+    Xq = _rand(10, 6, seed=64).float()
+    for (X, Y), m in zip(pairs, together):
+        alone = fit_mlp(X, Y, hidden=16, steps=50, lr=3e-3, seed=2)
+        torch.testing.assert_close(m.predict(Xq), alone.predict(Xq), rtol=1e-5, atol=1e-6)
+    assert together[0].final_loss != together[1].final_loss           # each net saw its own data
+    with pytest.raises(ValueError, match="one shape"):
+        fit_mlps([pairs[0], (pairs[1][0][:200], pairs[1][1][:200])])
+
+
 # ----------------------------------------------------------------------------- interpolation
 
 def test_interpolation_is_the_weighted_sum_of_anchor_maps():
@@ -366,3 +379,18 @@ def test_bad_inputs_are_refused_with_clear_messages():
         tokenwise_geometry(X[:3], Y[:3], Y[:2])
     with pytest.raises(ValueError, match=r"interpolation mixes local maps"):
         interpolate_maps(X, Y, X[:4], X[:2], "mlp", k=5)
+
+
+@pytest.mark.parametrize("form", ["plain", "update"])
+@pytest.mark.parametrize("rank", [None, 5])
+def test_float32_lowrank_fit_agrees_with_float64(form, rank):
+    # float32 takes the Gram-matrix SVD (64 x 64 eigendecompositions), float64 the direct SVD
+    X = _rand(400, 96, seed=70) * torch.linspace(0.1, 3, 96, dtype=F64)     # spread singular values
+    Y = X @ _rand(96, 96, seed=71) * 0.1 + X + 0.05 * torch.tanh(X)
+    Xq = X[:12] + 0.01 * _rand(12, 96, seed=72)
+    exact = fit_tokenwise(X, Y, Xq, "lowrank", k=40, form=form, rank=rank, keep_singular=4)
+    fast = fit_tokenwise(X.float(), Y.float(), Xq.float(), "lowrank", k=40, form=form, rank=rank, keep_singular=4)
+    torch.testing.assert_close(fast.predictions.double(), exact.predictions, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast.singular_values.double(), exact.singular_values, rtol=1e-4, atol=1e-5)
+    overlap = (fast.left_singular.double() @ exact.left_singular.mT).abs()   # same vectors up to sign
+    torch.testing.assert_close(torch.diagonal(overlap, dim1=1, dim2=2), torch.ones(12, 4, dtype=F64), atol=1e-3, rtol=0)

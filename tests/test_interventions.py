@@ -6,8 +6,9 @@ import torch
 
 from toolkit.backends import make_backend
 from toolkit.backends.base import Patch
-from toolkit.backends.incremental import cache_kwargs, prefix_caches, repeat_cache
-from toolkit.decompose.interventions import kl_divergence, patched_kl, patched_kl_plain
+from toolkit.backends.incremental import (cache_kwargs, full_cache, full_cache_supported, prefix_caches, repeat_cache,
+                                          run_queries)
+from toolkit.decompose.interventions import kl_divergence, kl_many, patched_kl, patched_kl_plain
 from toolkit.models.tiny import TINY_ARCHITECTURES, tiny_hf_model
 
 
@@ -36,6 +37,18 @@ def test_kl_divergence_basics():
     a = torch.randn(3, 50)
     assert torch.allclose(kl_divergence(a, a), torch.zeros(3, dtype=torch.float64), atol=1e-12)
     assert (kl_divergence(a, torch.randn(3, 50)) > 0).all()
+
+
+@pytest.mark.parametrize("scale", [1e-4, 1e-2, 1.0, 60.0])   # 60: logit gaps past expm1's range, the fallback
+def test_kl_matches_float64_log_softmax(scale):
+    g = torch.Generator().manual_seed(3)
+    p = 4 * torch.randn(16, 49152, generator=g)
+    p[:, :10] += 12                                           # peaked, like a language model's next token
+    q = p[:, None] + scale * torch.randn(16, 3, 49152, generator=g) + 2.0   # a constant shift changes nothing
+    logp, logq = torch.log_softmax(p.double(), -1)[:, None], torch.log_softmax(q.double(), -1)
+    expected = (logp.exp() * (logp - logq)).sum(-1)
+    torch.testing.assert_close(kl_many(p, q), expected, rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(kl_divergence(p[:, None], q), expected, rtol=1e-4, atol=1e-9)
 
 
 @pytest.mark.parametrize("kl_positions", ["next", "later"])
@@ -82,3 +95,37 @@ def test_fast_kl_equals_plain_on_tiny_models(arch, smollm2_tokenizer):
     for b in values:
         # Mamba's cached step and its full-sequence scan differ by float32 rounding (~1e-3 relative on KL)
         torch.testing.assert_close(fast[b], plain[b], rtol=5e-3, atol=1e-7)
+
+
+def test_full_cache_route_on_gemma3_with_both_layer_types(smollm2_tokenizer):
+    # 7 layers of Gemma 3: sliding and global layers (own rotary bases) in one model, window wider
+    # than text + queries, so every boundary takes the full-cache route that skips the blocks below it.
+    model = make_backend(tiny_hf_model("gemma3", n_layers=7, sliding_window=64, vocab_size=smollm2_tokenizer.vocab_size),
+                         smollm2_tokenizer)
+    assert len(set(model.hf_model.config.layer_types)) == 2
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, 500, (3, 20), generator=g)
+    positions = torch.tensor([[1, 7, 19], [2, 3, 9], [0, 10, 18]])
+    assert full_cache_supported(model, tokens.shape[1], 2 * positions.shape[1])
+    values = {b: torch.randn(9, model.d_model, generator=g) for b in (1, 4, 7)}
+    values[("variant", 4)] = torch.randn(9, model.d_model, generator=g)
+    fast = patched_kl(model, tokens, positions, values, max_rows=4, batch_size=2, progress=False)
+    plain = patched_kl_plain(model, tokens, positions, values)
+    for b in values:
+        torch.testing.assert_close(fast[b], plain[b], rtol=1e-3, atol=1e-7)
+
+
+def test_run_queries_leaves_cache_and_model_as_they_were(smollm2_tokenizer):
+    model = make_backend(tiny_hf_model("gpt2", n_layers=3, vocab_size=smollm2_tokenizer.vocab_size), smollm2_tokenizer)
+    tokens = torch.randint(0, 500, (2, 10))
+    cache, _ = full_cache(model, tokens)
+    before = [l.keys.clone() for l in cache.layers]
+    blocks = list(model.blocks)
+    wpe = model.hf_model.transformer.wpe
+    run_queries(model, cache, 10, 2, torch.randn(2, 3, model.d_model), torch.tensor([[1, 4, 9], [0, 2, 5]]))
+    assert [l.keys.shape for l in cache.layers] == [b.shape for b in before]
+    assert all(torch.equal(l.keys, b) for l, b in zip(cache.layers, before))
+    assert list(model.blocks) == blocks and model.hf_model.transformer.wpe is wpe
+    with pytest.raises(ValueError, match="out of range"):
+        run_queries(model, cache, 10, 9, torch.randn(2, 3, model.d_model), torch.tensor([[1, 4, 9], [0, 2, 5]]))
+    assert list(model.blocks) == blocks

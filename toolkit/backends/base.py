@@ -182,7 +182,11 @@ class Backend(ABC):
 
     def unembed(self, h_last: Tensor) -> Tensor:
         """Logits from the last boundary: ``lm_head(final_norm(h_last))``."""
-        out = self.hf_model.get_output_embeddings()(self.final_norm(h_last))
+        return self.unembed_normed(self.final_norm(h_last))
+
+    def unembed_normed(self, normed: Tensor) -> Tensor:
+        """Logits from states already through the final norm (with Gemma's final soft-cap)."""
+        out = self.hf_model.get_output_embeddings()(normed)
         softcap = getattr(self.hf_model.config, "final_logit_softcapping", None)
         if softcap:
             out = torch.tanh(out / softcap) * softcap

@@ -6,19 +6,27 @@ model's cache (attention keys/values, or Mamba's conv and SSM states), and (2) r
 token at ``p`` against that cache, with one batch row per intervention. These helpers use
 transformers' own cache API, so they serve every architecture either backend serves.
 
+For attention models a cache of the *whole* text serves every position at once (a mask hides
+the later keys), and a patch at boundary ``b`` needs only blocks ``b..L-1``: :func:`run_queries`
+enters the model at ``h_b`` (:func:`entering_at`), so nothing below the patch is recomputed.
+
 Example:
     >>> caches = prefix_caches(model, ids[:1], [5, 9])      # states after 5 and after 9 tokens  # doctest: +SKIP
     >>> step = repeat_cache(caches[0], 30)                   # one row per layer to patch          # doctest: +SKIP
+    >>> cache, normed = full_cache(model, ids)               # whole texts, once                   # doctest: +SKIP
+    >>> out = run_queries(model, cache, ids.shape[1], 12, h12_patched, positions)  # blocks 12.. only  # doctest: +SKIP
 """
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from typing import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from toolkit.backends.base import Backend
+from toolkit.models.architectures import spec_for
 
 
 def prefix_caches(model: Backend, input_ids: Tensor, cut_points: Sequence[int]) -> list:
@@ -70,8 +78,8 @@ def repeat_cache(cache, n: int):
 
 
 def full_cache_supported(model: Backend, seq_len: int, n_queries: int) -> bool:
-    """Whether :func:`sampled_tokens_kwargs` applies: an attention model whose cache keeps every
-    position (no sliding window shorter than the text plus the queries)."""
+    """Whether :func:`run_queries` applies: an attention model whose cache keeps every position
+    (no sliding window shorter than the text plus the queries)."""
     if model.info.architecture == "mamba":
         return False
     window = getattr(model.hf_model.config, "sliding_window", None)
@@ -79,27 +87,81 @@ def full_cache_supported(model: Backend, seq_len: int, n_queries: int) -> bool:
 
 
 def full_cache(model: Backend, input_ids: Tensor):
-    """The cache after processing the whole text (batch 1)."""
-    from toolkit.models.architectures import spec_for
+    """Process whole texts once: ``(cache, final-normed last hidden states [batch, seq, d])``."""
     base = spec_for(model.hf_model).base(model.hf_model)  # no logits needed: skip the unembedding
     with torch.no_grad():
-        return base(model.check_tokens(input_ids), use_cache=True).past_key_values
+        out = base(model.check_tokens(input_ids), use_cache=True)
+    return out.past_key_values, out.last_hidden_state
 
 
-def sampled_tokens_kwargs(model: Backend, cache, seq_len: int, positions: Tensor, n_rows: int) -> dict:
-    """Forward kwargs to re-run the tokens at ``positions`` as new queries against a full-text cache.
+class _PassThrough(nn.Module):
+    """Stands in for a block below the entry boundary: returns its input unchanged."""
 
-    Query ``j`` sees cached keys ``[0, positions[j])`` and itself, never the other queries, with
-    its own position id; so one call re-computes every sampled position of a text at once, and a
-    patch at query ``j`` affects only query ``j``, exactly as in a full forward.
-    """
-    n_q = positions.numel()
+    def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
+        return hidden_states
+
+
+class _NoPositions(nn.Module):
+    """Stands in for a learned position embedding that ``h_b`` already contains."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.width = width
+
+    def forward(self, position_ids: Tensor) -> Tensor:
+        return torch.zeros(*position_ids.shape, self.width, device=position_ids.device)
+
+
+@contextmanager
+def entering_at(model: Backend, boundary: int):
+    """Inside, the HF base model treats ``inputs_embeds`` as ``h_boundary``: the blocks below the
+    boundary pass their input through and learned positions are not added again, while rotary
+    embeddings, masks and layer types stay the model's own. Restored on exit, even on error."""
+    spec = spec_for(model.hf_model)
+    base, blocks = spec.base(model.hf_model), spec.blocks(model.hf_model)
+    below = list(blocks[:model.check_boundary(boundary)])
+    learned = getattr(base, spec.positions_attr) if spec.positions_attr else None
+    try:
+        for i in range(boundary):
+            blocks[i] = _PassThrough()
+        if learned is not None:
+            setattr(base, spec.positions_attr, _NoPositions(model.d_model))
+        yield base
+    finally:
+        for i, block in enumerate(below):
+            blocks[i] = block
+        if learned is not None:
+            setattr(base, spec.positions_attr, learned)
+
+
+def query_mask(model: Backend, seq_len: int, positions: Tensor):
+    """Attention mask for queries at ``positions [batch, n_q]`` appended to a full-text cache:
+    query ``j`` sees cached keys ``[0, positions[:, j])`` and itself, never the other queries."""
+    n_q = positions.shape[1]
     keys = torch.arange(seq_len + n_q, device=model.device)
-    pos = positions.to(model.device)[:, None]
-    allowed = (keys[None, :] < pos) | (keys[None, :] == seq_len + torch.arange(n_q, device=model.device)[:, None])
+    own = seq_len + torch.arange(n_q, device=model.device)
+    allowed = (keys[None, None, :] < positions[:, :, None].to(model.device)) | (keys[None, :] == own[:, None])[None]
     mask = torch.zeros(allowed.shape, dtype=model.dtype, device=model.device)
-    mask = mask.masked_fill(~allowed, torch.finfo(model.dtype).min)[None, None].expand(n_rows, 1, n_q, -1)
+    mask = mask.masked_fill(~allowed, torch.finfo(model.dtype).min)[:, None]     # [batch, 1, n_q, keys]
     layer_types = getattr(model.hf_model.config, "layer_types", None)
-    attention_mask = {t: mask for t in set(layer_types)} if layer_types else mask
-    return {"past_key_values": repeat_cache(cache, n_rows), "use_cache": True, "attention_mask": attention_mask,
-            "position_ids": pos.T.expand(n_rows, -1)}
+    return {t: mask for t in set(layer_types)} if layer_types else mask
+
+
+def run_queries(model: Backend, cache, seq_len: int, boundary: int, hidden: Tensor, positions: Tensor) -> Tensor:
+    """Final-normed outputs of queries entering at ``h_boundary``, against a full-text cache.
+
+    ``hidden [batch, n_q, d]`` is ``h_boundary`` of queries at ``positions [batch, n_q]`` of the
+    texts whose cache (from :func:`full_cache`) is ``cache``; each query sees the cached keys
+    before its position and itself, exactly as in a full forward where only that position was
+    changed at that boundary. Only blocks ``boundary..L-1`` run; the cache is left as it was.
+    """
+    snapshot = [dict(vars(layer)) for layer in cache.layers]
+    try:
+        with torch.no_grad(), entering_at(model, boundary) as base:
+            out = base(inputs_embeds=hidden.to(model.device, model.dtype), past_key_values=cache, use_cache=True,
+                       attention_mask=query_mask(model, seq_len, positions), position_ids=positions.to(model.device))
+    finally:  # the cache grew by the queries' keys: put every layer back (update replaces, never mutates)
+        for layer, state in zip(cache.layers, snapshot):
+            vars(layer).clear()
+            vars(layer).update(state)
+    return out.last_hidden_state

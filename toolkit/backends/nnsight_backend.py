@@ -42,10 +42,11 @@ class NNsightBackend(Backend):
         layers = list(range(self.n_layers + 1)) if layers is None else [self.check_boundary(l) for l in layers]
         blocks = self._traced_blocks()
         saved: dict[int, Tensor] = {}
-        with torch.no_grad(), self.traced.trace(input_ids):
+        with torch.no_grad(), self.traced.trace(input_ids) as tracer:
             # nnsight 0.8 requires modules to be visited in execution order.
             for l in sorted(set(layers)):
                 saved[l] = (blocks[0].input if l == 0 else blocks[l - 1].output).save()
+            tracer.stop()  # nothing above the last boundary asked for is needed: skip the rest and the unembedding
         return torch.stack([saved[l] for l in layers])
 
     def run_with_patches(self, input_ids: Tensor, patches: Sequence[Patch], **forward_kwargs) -> Tensor:

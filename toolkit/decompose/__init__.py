@@ -19,7 +19,8 @@ Example:
     torch.Size([100])
 """
 from toolkit.decompose.function_classes import (FORMS, FUNCTION_CLASSES, LOCAL_CLASSES, GlobalDiagMap, LocalFit,
-                                                MLPMap, fit_global_diag, fit_local_maps, fit_mlp, fit_tokenwise)
+                                                MLPMap, fit_global_diag, fit_local_maps, fit_mlp, fit_mlps,
+                                                fit_tokenwise)
 from toolkit.decompose.geometry import (GeometryMetrics, angle_degrees, cosine, energy_fraction, random_baseline,
                                         relative_error, tokenwise_geometry)
 from toolkit.decompose.interpolate import InterpolatedFit, distance_weights, interpolate_maps
@@ -30,7 +31,7 @@ __all__ = [
     "knn_cosine",
     # function classes
     "FUNCTION_CLASSES", "LOCAL_CLASSES", "FORMS", "LocalFit", "GlobalDiagMap", "MLPMap",
-    "fit_local_maps", "fit_global_diag", "fit_mlp", "fit_tokenwise",
+    "fit_local_maps", "fit_global_diag", "fit_mlp", "fit_mlps", "fit_tokenwise",
     # interpolation
     "InterpolatedFit", "distance_weights", "interpolate_maps",
     # geometry

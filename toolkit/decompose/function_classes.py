@@ -58,7 +58,7 @@ from torch import Tensor
 from toolkit.decompose.neighbours import check_pairs, knn_cosine
 
 __all__ = ["FUNCTION_CLASSES", "LOCAL_CLASSES", "FORMS", "MAX_KEEP_SINGULAR", "LocalFit", "GlobalDiagMap",
-           "MLPMap", "fit_local_maps", "fit_global_diag", "fit_mlp", "fit_tokenwise"]
+           "MLPMap", "fit_local_maps", "fit_global_diag", "fit_mlp", "fit_mlps", "fit_tokenwise"]
 
 FunctionClass = Literal["diag_local", "diag_global", "lowrank", "orthogonal", "mlp"]
 Form = Literal["plain", "update"]
@@ -116,6 +116,28 @@ def _svd(A: Tensor, full_matrices: bool = True) -> tuple[Tensor, Tensor, Tensor]
     return U.to(A.dtype), S.to(A.dtype), Vh.to(A.dtype)
 
 
+def _thin_svd(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD of ``A [b, m, n]``; from the m x m (or n x n) Gram matrix in float64 when ``A`` is float32.
+
+    Why: the neighbourhood blocks are 64 x 576, and an eigendecomposition of the 64 x 64 Gram
+    matrix is several times cheaper than an SVD of the block. Float64 Gram matrices resolve
+    singular values down to about 1e-7 of the largest, far below float32's ``rcond`` (6.9e-5 at
+    k=64, d=576); directions under 1e-6 of the largest are returned as zero (null rows of ``Vh``,
+    or columns of ``U``). Float64 input, where ``rcond`` is far smaller, keeps the direct SVD.
+    """
+    if A.dtype == torch.float64:
+        return _svd(A, full_matrices=False)
+    tall = A.shape[-2] > A.shape[-1]
+    W = (A.mT if tall else A).double()                                     # wide: [b, m, n], m <= n
+    lam, U = torch.linalg.eigh(W @ W.mT)
+    lam, U = lam.flip(-1), U.flip(-1)                                      # descending
+    S = lam.clamp_min(0).sqrt()
+    resolved = S > 1e-6 * S[..., :1]
+    Vh = (U.mT @ W) * (resolved / torch.where(resolved, S, 1))[..., None]
+    U, S, Vh = U.to(A.dtype), (S * resolved).to(A.dtype), Vh.to(A.dtype)
+    return (Vh.mT, S, U.mT) if tall else (U, S, Vh)
+
+
 def _default_rcond(dtype: torch.dtype, k: int, d: int) -> float:
     # numpy.linalg.lstsq's default cut-off: singular values below eps * max(k, d) * s_max count as zero.
     return torch.finfo(dtype).eps * max(k, d)
@@ -158,12 +180,12 @@ def _fit_lowrank_chunk(Xn, Yn, P, form, rank, keep, rcond):
         # With centred inputs the intercept decouples: b is the mean update, A fits the rest.
         Xc, Tn, inp, offset = Xn - mu_x, Un - b, P - mu_x[:, 0], P + b[:, 0]
     # Min-norm LS: A = T^T pinv(X)^T = (T^T U S^+) V^T with X = U S V^T (thin, q = min(k, d)).
-    U, S, Vh = _svd(Xc, full_matrices=False)
+    U, S, Vh = _thin_svd(Xc)
     keep_s = S > rcond * S[:, :1]
     S_inv = torch.where(keep_s, 1 / torch.where(keep_s, S, 1), torch.zeros_like(S))
     B = Tn.mT @ (U * S_inv[:, None, :])                               # [b, d, q]
     # SVD of the d x q factor gives A's SVD at q-size cost: A = Pm diag(Sig) (Gh Vh).
-    Pm, Sig, Gh = _svd(B, full_matrices=False)
+    Pm, Sig, Gh = _thin_svd(B)
     Rh = Gh @ Vh                                                      # [b, q, d], orthonormal rows
     r = Sig.shape[1] if rank is None else min(rank, Sig.shape[1])    # rank >= k truncates nothing
     Pm, Sig, Rh = Pm[..., :r], Sig[:, :r], Rh[:, :r]
@@ -374,7 +396,7 @@ def fit_mlp(train_X: Tensor, train_Y: Tensor, form: Form = "update", hidden: int
     are reproducible and the cost is bounded (``steps * batch_size * d * hidden``). Inputs and
     targets are standardised per dimension because residual streams have a few huge coordinates.
     The target is the update ``y - x`` (``form="update"``, default) or ``y`` (``"plain"``).
-    The global RNG is left untouched.
+    The global RNG is left untouched. :func:`fit_mlps` fits several layers' MLPs at once.
 
     Example:
         >>> X = torch.randn(512, 8)
@@ -383,32 +405,54 @@ def fit_mlp(train_X: Tensor, train_Y: Tensor, form: Form = "update", hidden: int
         >>> float(rel_err) < 0.2       # the identity map T(h) = h scores about 0.5 here
         True
     """
-    check_pairs(train_X, train_Y)
-    _check_choice("mlp", form, None, train_X.shape[1], 0)
-    X = train_X.detach()
-    T = (train_Y - train_X if form == "update" else train_Y).detach()
-    in_mean, in_std = X.mean(0), X.std(0).clamp_min(1e-6)
-    out_mean, out_std = T.mean(0), T.std(0).clamp_min(1e-6)
-    Xs, Ts = (X - in_mean) / in_std, (T - out_mean) / out_std
+    return fit_mlps([(train_X, train_Y)], form, hidden, steps, lr, batch_size, seed)[0]
+
+
+def fit_mlps(pairs: list[tuple[Tensor, Tensor]], form: Form = "update", hidden: int = 256, steps: int = 500,
+             lr: float = 1e-3, batch_size: int = 256, seed: int = 0) -> list[MLPMap]:
+    """:func:`fit_mlp` for several training sets of the same shape (one per layer), trained as one batch.
+
+    Each network gets what :func:`fit_mlp` would give it on its own (the same initial weights and
+    minibatch rows from the seed, a loss summed over networks so gradients do not mix, Adam
+    elementwise), but the steps run as batched matrix products: one optimiser loop instead of
+    one per layer.
+    """
+    if not pairs:
+        return []
+    for X_, Y_ in pairs:
+        check_pairs(X_, Y_)
+        if X_.shape != pairs[0][0].shape:
+            raise ValueError(f"fit_mlps needs training sets of one shape; got {tuple(X_.shape)} and "
+                             f"{tuple(pairs[0][0].shape)} (fit them separately with fit_mlp).")
+    _check_choice("mlp", form, None, pairs[0][0].shape[1], 0)
+    X = torch.stack([X_.detach() for X_, _ in pairs])                              # [L, N, d]
+    T = torch.stack([(Y_ - X_ if form == "update" else Y_).detach() for X_, Y_ in pairs])
+    in_mean, in_std = X.mean(1), X.std(1).clamp_min(1e-6)                         # [L, d]
+    out_mean, out_std = T.mean(1), T.std(1).clamp_min(1e-6)
+    Xs, Ts = (X - in_mean[:, None]) / in_std[:, None], (T - out_mean[:, None]) / out_std[:, None]
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    d = X.shape[1]
+    n_nets, n_rows, d = X.shape
     # Kaiming-uniform-like init from our own generator (nn.Linear would draw from the global RNG).
     W1 = ((torch.rand(hidden, d, generator=gen) * 2 - 1) / d ** 0.5).to(X)
     W2 = ((torch.rand(d, hidden, generator=gen) * 2 - 1) / hidden ** 0.5).to(X)
-    params = [W1.requires_grad_(), torch.zeros(hidden, dtype=X.dtype, requires_grad=True),
-              W2.requires_grad_(), torch.zeros(d, dtype=X.dtype, requires_grad=True)]
-    opt = torch.optim.Adam(params, lr=lr)
-    loss = torch.tensor(float("nan"))
+    # stored transposed ([L, d, H], [L, H, d]) so the batched products need no transposed copies
+    params = [W1.T.expand(n_nets, -1, -1).contiguous().requires_grad_(),
+              torch.zeros(n_nets, 1, hidden, dtype=X.dtype, device=X.device, requires_grad=True),
+              W2.T.expand(n_nets, -1, -1).contiguous().requires_grad_(),
+              torch.zeros(n_nets, 1, d, dtype=X.dtype, device=X.device, requires_grad=True)]
+    opt = torch.optim.Adam(params, lr=lr, fused=True)   # one pass over the weights per step, not ten
+    losses = torch.full((n_nets,), float("nan"))
     with torch.enable_grad():
         for _ in range(steps):
-            batch = torch.randint(0, X.shape[0], (min(batch_size, X.shape[0]),), generator=gen).to(X.device)
-            h = torch.nn.functional.gelu(Xs[batch] @ params[0].T + params[1])
-            loss = ((h @ params[2].T + params[3] - Ts[batch]) ** 2).mean()
+            batch = torch.randint(0, n_rows, (min(batch_size, n_rows),), generator=gen).to(X.device)
+            h = torch.nn.functional.gelu(torch.baddbmm(params[1], Xs.index_select(1, batch), params[0]))
+            losses = ((torch.baddbmm(params[3], h, params[2]) - Ts.index_select(1, batch)) ** 2).mean(dim=(1, 2))
             opt.zero_grad()
-            loss.backward()
+            losses.sum().backward()
             opt.step()
-    W1, b1, W2, b2 = (p.detach() for p in params)
-    return MLPMap(W1, b1, W2, b2, in_mean, in_std, out_mean, out_std, form, float(loss.detach()))
+    W1s, b1s, W2s, b2s = (p.detach() for p in params)
+    return [MLPMap(W1s[i].T.contiguous(), b1s[i, 0], W2s[i].T.contiguous(), b2s[i, 0], in_mean[i], in_std[i], out_mean[i], out_std[i], form,
+                   float(losses[i].detach())) for i in range(n_nets)]
 
 
 def fit_tokenwise(train_X: Tensor, train_Y: Tensor, query_X: Tensor, function_class: FunctionClass,

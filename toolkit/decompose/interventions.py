@@ -7,9 +7,10 @@ prediction) and runs the remaining layers. The output change is
 later positions with ``positions="later"``).
 
 The fast path never recomputes what cannot change: positions before p are read from a
-cache. For attention models each text is run once to fill a cache, then every sampled
-position of the text is re-run as a query against it (a mask hides later keys), with one batch
-row per boundary and one unpatched row for ``P_orig``: one call per text. For Mamba (a
+cache, and blocks below the patched boundary are not run at all. For attention models each batch
+of texts is run once to fill a cache (which also gives ``P_orig``); then, per boundary ``b``,
+every variant at every sampled position enters at ``h_b`` as a query against the cache (a mask
+hides later keys) and runs blocks ``b..L-1`` only: one call per boundary and batch of texts. For Mamba (a
 recurrent state cannot hide later positions) and for ``kl_positions="later"`` the prefix
 ``[0, p)`` is processed once per text with a cache copied at each sampled position, and each
 position's interventions run as one batch of steps (see :mod:`toolkit.backends.incremental`). :func:`patched_kl_plain` is the plain reference (one full
@@ -29,14 +30,43 @@ from tqdm.auto import tqdm
 
 from toolkit.backends.base import Backend, Patch
 from toolkit.backends.incremental import (cache_kwargs, full_cache, full_cache_supported, prefix_caches,
-                                          repeat_cache, sampled_tokens_kwargs)
+                                          repeat_cache, run_queries)
 
 
 def kl_divergence(logits_p: Tensor, logits_q: Tensor) -> Tensor:
-    """``KL(P || Q)`` over the last dimension, from logits, in float64 for small values."""
-    logp = torch.log_softmax(logits_p.double(), dim=-1)
-    logq = torch.log_softmax(logits_q.double(), dim=-1)
-    return (logp.exp() * (logp - logq)).sum(-1)
+    """``KL(P || Q)`` over the last dimension from logits (broadcasting), as float64; see :func:`kl_many`."""
+    logits_p, logits_q = torch.broadcast_tensors(logits_p, logits_q)
+    shape = logits_p.shape
+    return kl_many(logits_p.reshape(-1, shape[-1]), logits_q.reshape(-1, 1, shape[-1])).reshape(shape[:-1])
+
+
+def kl_many(logits_p: Tensor, logits_q: Tensor, p: Tensor | None = None) -> Tensor:
+    """``KL(P_r || Q_rc)`` for ``logits_p [R, V]`` and ``logits_q [R, C, V]`` (C variants of each P): ``[R, C]`` float64.
+
+    With ``d = logits_q - logits_p`` shifted by about its P-mean, ``KL = log(sum p e^d) - sum p d``
+    (any shift of ``d`` cancels between the two terms), evaluated as ``log1p(s1 + s2) - s1`` with
+    ``s1 = sum p d`` and ``s2 = sum p (e^d - 1 - d)``, a sum of nonnegative terms: float32 passes
+    over the vocabulary and no log-softmax, yet small KLs keep their digits (``s1`` cancels exactly). Rows where ``d`` exceeds 30 somewhere
+    (``expm1`` would overflow) are recomputed by log-softmax in float64. ``p`` is
+    ``softmax(logits_p)``, passed when it is already at hand.
+    """
+    logits_p, logits_q = logits_p.float(), logits_q.float()
+    p = torch.softmax(logits_p, dim=-1) if p is None else p
+    col = p[:, :, None]                                                          # [R, V, 1]
+    shift = (logits_q @ col)[..., 0] - (logits_p[:, None] @ col)[..., 0]          # ~ E_p[d], [R, C]
+    d = logits_q - logits_p[:, None]
+    d -= shift[..., None]
+    first = (d @ col)[..., 0].double()                                           # ~0, not exactly
+    rest = torch.expm1(d)
+    rest -= d                                                                    # e^d - 1 - d >= 0: no cancellation
+    rest = (rest * p[:, None]).sum(-1).double()          # cascade sum: more accurate than a BLAS dot here
+    kl = torch.log1p(first + rest) - first                # first enters at second order only
+    far = d.amax(dim=-1) > 30
+    if far.any():
+        logp = torch.log_softmax(logits_p.double(), -1)[:, None]
+        logq = torch.log_softmax(logits_q.double(), -1)
+        kl = torch.where(far, (logp.exp() * (logp - logq)).sum(-1), kl)
+    return kl
 
 
 def boundary_of(key: Hashable) -> int:
@@ -59,7 +89,7 @@ def _check(model: Backend, tokens: Tensor, positions: Tensor, values: Mapping[Ha
 
 
 def patched_kl(model: Backend, tokens: Tensor, positions: Tensor, values: Mapping[Hashable, Tensor],
-               kl_positions: Literal["next", "later"] = "next", max_rows: int = 32,
+               kl_positions: Literal["next", "later"] = "next", max_rows: int = 32, batch_size: int = 8,
                progress: bool = True) -> dict[Hashable, Tensor]:
     """KL of the output after each replacement, by the cached fast path.
 
@@ -69,7 +99,8 @@ def patched_kl(model: Backend, tokens: Tensor, positions: Tensor, values: Mappin
             key is the boundary ``b`` or a tuple ending in it (several variants per boundary).
         kl_positions: ``"next"`` (the patched position's next-token distribution) or ``"later"``
             (mean KL over the patched position and every later one).
-        max_rows: interventions per forward call (bounds the memory of the repeated cache).
+        max_rows: interventions (text x variant) per forward call; bounds the memory of the logits.
+        batch_size: texts whose full caches are held at once (attention models, ``"next"``).
     Returns:
         key -> ``[n_texts * per_text]`` KL in nats (float64).
     """
@@ -77,32 +108,61 @@ def patched_kl(model: Backend, tokens: Tensor, positions: Tensor, values: Mappin
     keys = sorted(values, key=boundary_of)
     n_texts, per_text = positions.shape
     out = {key: torch.zeros(n_texts * per_text, dtype=torch.float64) for key in keys}
+    widest = max(sum(boundary_of(k) == b for k in keys) for b in {boundary_of(k) for k in keys})
+    if kl_positions == "next" and full_cache_supported(model, tokens.shape[1], min(widest, max_rows) * per_text):
+        _kl_from_full_caches(model, tokens, positions, values, keys, out, max_rows, batch_size, progress)
+    else:
+        _kl_from_prefix_caches(model, tokens, positions, values, keys, out, kl_positions, max_rows, progress)
+    return out
+
+
+@torch.no_grad()
+def _kl_from_full_caches(model: Backend, tokens: Tensor, positions: Tensor, values: Mapping[Hashable, Tensor],
+                         keys: list, out: dict, max_rows: int, batch_size: int, progress: bool) -> None:
+    """Each batch of texts is run once; then, per boundary ``b``, every (variant, sampled position)
+    enters at ``h_b`` as a query against the texts' caches and runs blocks ``b..L-1`` only."""
+    n_texts, per_text = positions.shape
+    seq_len, d = tokens.shape[1], model.d_model
+    by_boundary: dict[int, list] = {}
+    for key in keys:
+        by_boundary.setdefault(boundary_of(key), []).append(key)
+    bar = tqdm(total=n_texts, desc="interventions", disable=not progress, unit="text")
+    for start in range(0, n_texts, batch_size):
+        n = min(batch_size, n_texts - start)
+        rows = slice(start * per_text, (start + n) * per_text)
+        pos = positions[start:start + n].to(model.device)
+        cache, normed = full_cache(model, tokens[start:start + n])
+        logits_p = model.unembed_normed(normed[torch.arange(n, device=model.device)[:, None], pos]).flatten(0, 1)
+        p = torch.softmax(logits_p.float(), dim=-1)                        # [n * per_text, vocab]
+        per_call = max(1, max_rows // n)
+        for b, group in by_boundary.items():
+            for chunk in (group[i:i + per_call] for i in range(0, len(group), per_call)):
+                # query order (text, position, variant): the variants of one P lie side by side
+                hidden = torch.stack([values[key][rows] for key in chunk], dim=1).reshape(n, -1, d)
+                queries = pos.repeat_interleave(len(chunk), dim=1)
+                normed_q = run_queries(model, cache, seq_len, b, hidden, queries)
+                logits_q = model.unembed_normed(normed_q).reshape(n * per_text, len(chunk), -1)
+                kl = kl_many(logits_p, logits_q, p).cpu()                          # [n * per_text, len(chunk)]
+                for i, key in enumerate(chunk):
+                    out[key][rows] = kl[:, i]
+        bar.update(n)
+    bar.close()
+
+
+def _kl_from_prefix_caches(model: Backend, tokens: Tensor, positions: Tensor, values: Mapping[Hashable, Tensor],
+                           keys: list, out: dict, kl_positions: str, max_rows: int, progress: bool) -> None:
+    """Mamba, short sliding windows and ``"later"``: the prefix of each text is processed once,
+    with a cache copied at each sampled position, and each position's interventions run as one batch."""
+    n_texts, per_text = positions.shape
     groups = [keys[i:i + max_rows] for i in range(0, len(keys), max_rows)]
-    all_at_once = kl_positions == "next" and full_cache_supported(model, tokens.shape[1], per_text)
     for t in tqdm(range(n_texts), desc="interventions", disable=not progress, unit="text"):
-        rows = slice(t * per_text, (t + 1) * per_text)
-        if all_at_once:
-            # Every sampled position is a query against the full-text cache: one call per group.
-            cache = full_cache(model, tokens[t:t + 1])
-            every_query = torch.arange(per_text)
-            for group in groups:
-                n_rows = len(group) + 1  # row 0 stays unpatched: it gives P_orig from the same cache
-                kwargs = sampled_tokens_kwargs(model, cache, tokens.shape[1], positions[t], n_rows)
-                queries = tokens[t, positions[t]][None].expand(n_rows, -1)
-                patches = [Patch(boundary_of(key), torch.full((per_text,), i + 1), every_query, values[key][rows])
-                           for i, key in enumerate(group)]
-                logits = model.run_with_patches(queries, patches, **kwargs)      # [n_rows, per_text, vocab]
-                kl = kl_divergence(logits[:1], logits[1:])                        # [len(group), per_text]
-                for i, key in enumerate(group):
-                    out[key][rows] = kl[i]
-            continue
         cuts = positions[t].tolist()
         caches = prefix_caches(model, tokens[t:t + 1], cuts)
         for j, p in enumerate(cuts):
             row = t * per_text + j
             end = p + 1 if kl_positions == "next" else tokens.shape[1]
             for group in groups:
-                n_rows = len(group) + 1
+                n_rows = len(group) + 1  # row 0 stays unpatched: it gives P_orig from the same cache
                 segment = tokens[t:t + 1, p:end].expand(n_rows, -1)
                 patches = [Patch(boundary_of(key), torch.tensor([i + 1]), torch.tensor([0]), values[key][row:row + 1])
                            for i, key in enumerate(group)]
@@ -111,7 +171,6 @@ def patched_kl(model: Backend, tokens: Tensor, positions: Tensor, values: Mappin
                 kl = kl_divergence(logits[:1], logits[1:]).mean(dim=-1)     # [len(group)]
                 for i, key in enumerate(group):
                     out[key][row] = kl[i]
-    return out
 
 
 def patched_kl_plain(model: Backend, tokens: Tensor, positions: Tensor, values: Mapping[int, Tensor],

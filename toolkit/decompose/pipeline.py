@@ -26,7 +26,7 @@ from toolkit.backends.base import Backend
 from toolkit.collection.from_corpus import collect_from_corpus
 from toolkit.collection.pairs import CollectedStates
 from toolkit.data import Corpus
-from toolkit.decompose.function_classes import FORMS, FUNCTION_CLASSES, fit_tokenwise
+from toolkit.decompose.function_classes import FORMS, FUNCTION_CLASSES, MLPMap, fit_mlps, fit_tokenwise
 from toolkit.decompose.geometry import tokenwise_geometry
 from toolkit.decompose.interventions import patched_kl
 from toolkit.decompose.result import DecompositionResult
@@ -82,6 +82,18 @@ def fit_layer(train: CollectedStates, test: CollectedStates, layer: int, functio
     return fit, tokenwise_geometry(Xq, Yq, fit), Xq, Yq
 
 
+def _fit_layer_mlps(train: CollectedStates, layers: Sequence[int], steps: int, seed: int, progress: bool,
+                    max_floats: int = 2 ** 25) -> dict[int, MLPMap]:
+    """The global MLP of every layer, trained in batches of layers (each stacked input <= ``max_floats``)."""
+    per_group = max(1, max_floats // max(1, train.pairs(layers[0])[0].numel()))
+    out: dict[int, MLPMap] = {}
+    groups = [layers[i:i + per_group] for i in range(0, len(layers), per_group)]
+    for group in tqdm(groups, desc="fit MLPs", disable=not progress or len(groups) == 1, unit="group"):
+        for layer, mlp in zip(group, fit_mlps([train.pairs(l) for l in group], "update", steps=steps, seed=seed)):
+            out[layer] = mlp
+    return out
+
+
 def decompose(model: Backend, corpus: str | Corpus = "embedded", *, layers: Sequence[int] | None = None,
               function_class: str = "lowrank", form: Literal["plain", "update"] = "update", k: int = 64,
               rank: int | None = 64, n_train: int = 2000, n_test: int = 500, seq_len: int = 192, per_text: int = 8,
@@ -118,6 +130,7 @@ def decompose(model: Backend, corpus: str | Corpus = "embedded", *, layers: Sequ
     columns: dict[str, list] = {}
     values: dict[tuple, torch.Tensor] = {}
     base = _token_columns(model, test)
+    mlps = _fit_layer_mlps(train, layers, mlp_steps, seed, progress) if compare_mlp else {}
     for layer in tqdm(layers, desc="fit tokenwise maps", disable=not progress, unit="layer"):
         fit, geom, x, y = fit_layer(train, test, layer, function_class, form, k, rank)
         values[("linear", layer + 1)] = fit.predictions
@@ -126,7 +139,7 @@ def decompose(model: Backend, corpus: str | Corpus = "embedded", *, layers: Sequ
         row = {"layer": np.full(len(x), layer)} | base | {_column(n): v.numpy() for n, v in geom.as_dict().items()}
         if compare_mlp:
             X, Y = train.pairs(layer)
-            mlp = fit_tokenwise(X, Y, x, "mlp", form="update", keep_singular=0, steps=mlp_steps, seed=seed)
+            mlp = fit_tokenwise(X, Y, x, "mlp", form="update", keep_singular=0, mlp=mlps[layer])
             values[("mlp", layer + 1)] = mlp.predictions
             row["rel_err_mlp"] = ((y - mlp.predictions).norm(dim=1) / y.norm(dim=1)).numpy()
         for name, col in row.items():
@@ -134,7 +147,8 @@ def decompose(model: Backend, corpus: str | Corpus = "embedded", *, layers: Sequ
     timings["fit_s"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
-    kl = patched_kl(model, test.tokens, test.positions, values, kl_positions=kl_positions, progress=progress)
+    kl = patched_kl(model, test.tokens, test.positions, values, kl_positions=kl_positions, batch_size=batch_size,
+                    progress=progress)
     timings["interventions_s"] = time.perf_counter() - t2
     columns["kl"] = [kl[("linear", l + 1)].numpy() for l in layers]
     if random_control:

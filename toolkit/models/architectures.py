@@ -24,6 +24,7 @@ class ArchitectureSpec:
     blocks_attr: str          # attribute of the base model holding the ModuleList of blocks
     norm_attr: str            # attribute of the base model holding the final norm
     tl_backend_default: bool  # TransformerLens serves it by default (GPT-2, Pythia); else nnsight
+    positions_attr: str | None = None  # learned position embedding added to the token embeddings (GPT-2)
 
     def base(self, hf_model: nn.Module) -> nn.Module:
         return getattr(hf_model, self.base_attr)
@@ -43,7 +44,7 @@ SPECS: tuple[ArchitectureSpec, ...] = (
     ArchitectureSpec("llama", ("llama",), "model", "layers", "norm", False),
     ArchitectureSpec("qwen3", ("qwen3", "qwen2"), "model", "layers", "norm", False),
     ArchitectureSpec("gemma3", ("gemma3_text", "gemma3", "gemma2", "gemma"), "model", "layers", "norm", False),
-    ArchitectureSpec("gpt2", ("gpt2",), "transformer", "h", "ln_f", True),
+    ArchitectureSpec("gpt2", ("gpt2",), "transformer", "h", "ln_f", True, positions_attr="wpe"),
     ArchitectureSpec("gpt_neox", ("gpt_neox",), "gpt_neox", "layers", "final_layer_norm", True),
     ArchitectureSpec("mamba", ("mamba",), "backbone", "layers", "norm_f", False),
 )

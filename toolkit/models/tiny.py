@@ -49,9 +49,15 @@ def _tiny_config(arch: str, vocab_size: int, n_layers: int, width: int, n_ctx: i
 
 
 def tiny_hf_model(arch: str, *, vocab_size: int = 512, n_layers: int = 2, width: int = 64,
-                  n_ctx: int = 256, seed: int = 0, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """Build a randomly initialised causal LM of architecture ``arch`` (eval mode, no download)."""
+                  n_ctx: int = 256, seed: int = 0, dtype: torch.dtype = torch.float32,
+                  **config_overrides) -> PreTrainedModel:
+    """Build a randomly initialised causal LM of architecture ``arch`` (eval mode, no download).
+
+    ``config_overrides`` set config attributes before the model is built (``sliding_window=64``).
+    """
     config = _tiny_config(arch, vocab_size, n_layers, width, n_ctx)
+    for name, value in config_overrides.items():
+        setattr(config, name, value)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
