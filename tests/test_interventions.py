@@ -8,6 +8,7 @@ from toolkit.backends import make_backend
 from toolkit.backends.base import Patch
 from toolkit.backends.incremental import (cache_kwargs, full_cache, full_cache_supported, prefix_caches, repeat_cache,
                                           run_queries)
+from toolkit.collection.pairs import collect_hidden_states
 from toolkit.decompose.interventions import kl_divergence, kl_many, patched_kl, patched_kl_plain
 from toolkit.models.tiny import TINY_ARCHITECTURES, tiny_hf_model
 
@@ -129,3 +130,30 @@ def test_run_queries_leaves_cache_and_model_as_they_were(smollm2_tokenizer):
     with pytest.raises(ValueError, match="out of range"):
         run_queries(model, cache, 10, 9, torch.randn(2, 3, model.d_model), torch.tensor([[1, 4, 9], [0, 2, 5]]))
     assert list(model.blocks) == blocks
+
+
+@pytest.mark.parametrize("backend", ["smollm2_nnsight", "smollm2_tl"])
+def test_caches_kept_from_collection_give_the_same_kl(backend, request, tmp_path):
+    model = request.getfixturevalue(backend)
+    g = torch.Generator().manual_seed(4)
+    tokens = torch.randint(100, 20000, (3, 20), generator=g)
+    positions = torch.tensor([[2, 9, 19], [0, 5, 6], [3, 11, 12]])
+    states = collect_hidden_states(model, tokens, positions, batch_size=2, cache_dir=tmp_path, keep_kv_cache=True)
+    assert [s for s, _ in states.kv_caches] == [0, 2]
+    values = {b: states.hidden(b) + 2.0 * torch.randn(9, 576, generator=g) for b in (3, 29)}
+    kept = patched_kl(model, tokens, positions, values, kv_caches=states.kv_caches,
+                      final_states=states.hidden(model.n_layers), progress=False)
+    fresh = patched_kl(model, tokens, positions, values, batch_size=3, progress=False)
+    plain = patched_kl_plain(model, tokens, positions, values)
+    for b in values:
+        assert (plain[b] > 1e-4).all()
+        torch.testing.assert_close(kept[b], fresh[b], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(kept[b], plain[b], rtol=1e-3, atol=1e-6)
+    with pytest.raises(ValueError, match="consecutive batches"):
+        patched_kl(model, tokens, positions, values, kv_caches=states.kv_caches[1:],
+                   final_states=states.hidden(model.n_layers), progress=False)
+    # a store hit runs nothing, so it has no caches; a collection that stops below the last block keeps none
+    assert collect_hidden_states(model, tokens, positions, batch_size=2, cache_dir=tmp_path,
+                                 keep_kv_cache=True).kv_caches is None
+    assert collect_hidden_states(model, tokens, positions, layers=[3], cache_dir=tmp_path,
+                                 keep_kv_cache=True).kv_caches is None

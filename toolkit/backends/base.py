@@ -127,8 +127,13 @@ class Backend(ABC):
 
     # ----- the interface ------------------------------------------------------------------
     @abstractmethod
-    def hidden_states(self, input_ids: Tensor, layers: Sequence[int] | None = None) -> Tensor:
-        """Residual stream at the chosen boundaries (default all): ``[len(layers), batch, seq, d_model]``."""
+    def hidden_states(self, input_ids: Tensor, layers: Sequence[int] | None = None, kv_cache=None) -> Tensor:
+        """Residual stream at the chosen boundaries (default all): ``[len(layers), batch, seq, d_model]``.
+
+        ``kv_cache`` (a transformers ``DynamicCache``) is filled with the keys and values of the
+        blocks that run, for cached steps later (:mod:`toolkit.backends.incremental`). Blocks above
+        the highest boundary asked for may not run.
+        """
 
     def run_with_patch(self, input_ids: Tensor, layer: int, positions: Tensor, values: Tensor) -> Tensor:
         """Logits ``[batch, seq, vocab]`` after replacing ``h_layer`` at ``positions`` with ``values``.

@@ -37,12 +37,13 @@ class NNsightBackend(Backend):
             node = getattr(node, part)
         return node
 
-    def hidden_states(self, input_ids: Tensor, layers: Sequence[int] | None = None) -> Tensor:
+    def hidden_states(self, input_ids: Tensor, layers: Sequence[int] | None = None, kv_cache=None) -> Tensor:
         input_ids = self.check_tokens(input_ids)
         layers = list(range(self.n_layers + 1)) if layers is None else [self.check_boundary(l) for l in layers]
         blocks = self._traced_blocks()
         saved: dict[int, Tensor] = {}
-        with torch.no_grad(), self.traced.trace(input_ids) as tracer:
+        kwargs = {} if kv_cache is None else {"past_key_values": kv_cache, "use_cache": True}
+        with torch.no_grad(), self.traced.trace(input_ids, **kwargs) as tracer:
             # nnsight 0.8 requires modules to be visited in execution order.
             for l in sorted(set(layers)):
                 saved[l] = (blocks[0].input if l == 0 else blocks[l - 1].output).save()

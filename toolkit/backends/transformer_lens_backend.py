@@ -42,12 +42,13 @@ class TransformerLensBackend(Backend):
             return f"blocks.{layer - 1}.hook_resid_post"
         return f"blocks.{layer}.hook_resid_pre"
 
-    def hidden_states(self, input_ids: Tensor, layers: Sequence[int] | None = None) -> Tensor:
+    def hidden_states(self, input_ids: Tensor, layers: Sequence[int] | None = None, kv_cache=None) -> Tensor:
         input_ids = self.check_tokens(input_ids)
         layers = list(range(self.n_layers + 1)) if layers is None else [self.check_boundary(l) for l in layers]
         names = {self.hook_name(l) for l in layers}
         with torch.no_grad():
-            _, cache = self.bridge.run_with_cache(input_ids, names_filter=lambda n: n in names)
+            kwargs = {} if kv_cache is None else {"past_key_values": kv_cache, "use_cache": True}
+            _, cache = self.bridge.run_with_cache(input_ids, names_filter=lambda n: n in names, **kwargs)
         return torch.stack([cache[self.hook_name(l)] for l in layers])
 
     def run_with_patches(self, input_ids: Tensor, patches: Sequence[Patch], **forward_kwargs) -> Tensor:

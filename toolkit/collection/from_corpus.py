@@ -21,9 +21,12 @@ from toolkit.data import Corpus, chunk_corpus, load_corpus, sample_positions, sp
 
 def collect_from_corpus(model: Backend, corpus: str | Corpus = "embedded", *, n_train: int = 2000,
                         n_test: int = 500, seq_len: int = 192, per_text: int = 8, layers: Sequence[int] | None = None,
-                        seed: int = 0, batch_size: int = 8, progress: bool = True,
-                        use_cache: bool = True) -> tuple[CollectedStates, CollectedStates]:
-    """Collect train and test hidden states (separate texts) for the pairs of blocks ``layers``."""
+                        seed: int = 0, batch_size: int = 8, progress: bool = True, use_cache: bool = True,
+                        keep_test_kv_cache: bool = False) -> tuple[CollectedStates, CollectedStates]:
+    """Collect train and test hidden states (separate texts) for the pairs of blocks ``layers``.
+
+    ``keep_test_kv_cache``: keep the test texts' attention caches (see :func:`collect_hidden_states`).
+    """
     corpus = load_corpus(corpus) if isinstance(corpus, str) else corpus
     # All texts, so the seeded split draws from the whole corpus rather than its first documents.
     texts = chunk_corpus(corpus, model.tokenizer, seq_len=seq_len, n_ctx=model.n_ctx)
@@ -33,5 +36,6 @@ def collect_from_corpus(model: Backend, corpus: str | Corpus = "embedded", *, n_
         # Different seeds per part so train and test positions are drawn independently.
         positions = sample_positions(tokens.shape[0], seq_len, per_text=per_text, seed=seed + (part == "test"))
         out.append(collect_hidden_states(model, tokens, positions, layers=layers, batch_size=batch_size,
-                                         progress=progress, use_cache=use_cache))
+                                         progress=progress, use_cache=use_cache,
+                                         keep_kv_cache=keep_test_kv_cache and part == "test"))
     return out[0], out[1]

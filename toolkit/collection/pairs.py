@@ -45,6 +45,8 @@ class CollectedStates:
     tokens: Tensor                         # [n_texts, seq_len]
     positions: Tensor                      # [n_texts, per_text]
     _arrays: dict = field(default_factory=dict, repr=False)
+    # Runtime only, never stored: (first text, cache) per batch when collected with keep_kv_cache.
+    kv_caches: list | None = field(default=None, repr=False)
 
     @property
     def boundaries(self) -> list[int]:
@@ -119,7 +121,7 @@ def boundaries_for(model: Backend, layers: Sequence[int] | None) -> list[int]:
 
 def collect_hidden_states(model: Backend, tokens: Tensor, positions: Tensor, layers: Sequence[int] | None = None,
                           batch_size: int = 8, cache_dir: str | Path | None = None, use_cache: bool = True,
-                          progress: bool = True) -> CollectedStates:
+                          progress: bool = True, keep_kv_cache: bool = False) -> CollectedStates:
     """Hidden states of ``model`` at ``positions`` of ``tokens`` for the pairs of blocks ``layers``.
 
     Args:
@@ -129,6 +131,9 @@ def collect_hidden_states(model: Backend, tokens: Tensor, positions: Tensor, lay
         batch_size: texts per forward pass.
         cache_dir: store folder (default ``$TOOLKIT_CACHE/activations``); ``use_cache=False`` recomputes
             and overwrites.
+        keep_kv_cache: when the model runs (no store hit) and every block runs (the last boundary is
+            collected), keep each batch's attention cache in ``kv_caches``, so that interventions on
+            these texts need not run them again (:func:`toolkit.decompose.interventions.patched_kl`).
     """
     if tokens.ndim != 2 or positions.ndim != 2 or positions.shape[0] != tokens.shape[0]:
         raise ValueError(f"tokens must be [n_texts, seq_len] and positions [n_texts, per_text]; got "
@@ -148,20 +153,40 @@ def collect_hidden_states(model: Backend, tokens: Tensor, positions: Tensor, lay
     meta = {"model_id": model.info.model_id, "model_fingerprint": model_fingerprint(model), "backend": model.name,
             "dtype": str(model.dtype), "boundaries": boundaries, "n_texts": n_texts, "seq_len": tokens.shape[1],
             "per_text": per_text, "d_model": model.d_model}
+    keep_kv_cache = keep_kv_cache and model.n_layers in boundaries and model.info.architecture != "mamba"
+    kv_caches: list | None = [] if keep_kv_cache else None
     with EntryWriter(entry, n_texts * per_text, model.d_model, boundaries) as writer:
         bar = tqdm(range(0, n_texts, batch_size), desc=f"collect {model.info.model_id}", disable=not progress,
                    unit="batch")
         for start in bar:
             ids = tokens[start:start + batch_size]
             pos = positions[start:start + batch_size].to(model.device)
-            hs = model.hidden_states(ids, boundaries)                  # [n_b, B, T, d]
+            kv = _new_kv_cache(model) if keep_kv_cache else None
+            hs = model.hidden_states(ids, boundaries, kv_cache=kv)      # [n_b, B, T, d]
+            if kv is not None:
+                kv_caches.append((start, kv))
             rows = torch.arange(ids.shape[0], device=model.device)[:, None]
             picked = hs[:, rows, pos].reshape(len(boundaries), -1, model.d_model)
             picked = picked.float().cpu().numpy()
             writer.write_rows(start * per_text, {l: picked[i] for i, l in enumerate(boundaries)})
         writer.commit(meta, tokens=tokens.cpu().numpy().astype(np.int64),
                       positions=positions.cpu().numpy().astype(np.int64))
-    return _open(entry)
+    states = _open(entry)
+    states.kv_caches = kv_caches
+    return states
+
+
+def _new_kv_cache(model: Backend):
+    from transformers import DynamicCache
+    return DynamicCache(config=model.hf_model.config)
+
+
+def kv_cache_bytes(model: Backend, n_texts: int, seq_len: int) -> int:
+    """Memory the attention caches of ``n_texts`` texts take (keys and values of every block)."""
+    config = model.hf_model.config
+    heads = getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", 1)
+    head_dim = getattr(config, "head_dim", None) or model.d_model // getattr(config, "num_attention_heads", 1)
+    return 2 * model.n_layers * heads * head_dim * seq_len * n_texts * model.dtype.itemsize
 
 
 def _open(entry: Path) -> CollectedStates:

@@ -90,6 +90,7 @@ def _check(model: Backend, tokens: Tensor, positions: Tensor, values: Mapping[Ha
 
 def patched_kl(model: Backend, tokens: Tensor, positions: Tensor, values: Mapping[Hashable, Tensor],
                kl_positions: Literal["next", "later"] = "next", max_rows: int = 32, batch_size: int = 8,
+               kv_caches: list | None = None, final_states: Tensor | None = None,
                progress: bool = True) -> dict[Hashable, Tensor]:
     """KL of the output after each replacement, by the cached fast path.
 
@@ -101,6 +102,9 @@ def patched_kl(model: Backend, tokens: Tensor, positions: Tensor, values: Mappin
             (mean KL over the patched position and every later one).
         max_rows: interventions (text x variant) per forward call; bounds the memory of the logits.
         batch_size: texts whose full caches are held at once (attention models, ``"next"``).
+        kv_caches, final_states: the texts' attention caches, ``(first text, cache)`` per batch, and
+            ``h_L`` at every row, as :func:`toolkit.collection.pairs.collect_hidden_states` keeps them
+            (``keep_kv_cache=True``): then the texts themselves are not run again.
     Returns:
         key -> ``[n_texts * per_text]`` KL in nats (float64).
     """
@@ -110,15 +114,32 @@ def patched_kl(model: Backend, tokens: Tensor, positions: Tensor, values: Mappin
     out = {key: torch.zeros(n_texts * per_text, dtype=torch.float64) for key in keys}
     widest = max(sum(boundary_of(k) == b for k in keys) for b in {boundary_of(k) for k in keys})
     if kl_positions == "next" and full_cache_supported(model, tokens.shape[1], min(widest, max_rows) * per_text):
-        _kl_from_full_caches(model, tokens, positions, values, keys, out, max_rows, batch_size, progress)
+        batches = _cache_batches(model, tokens.shape[0], batch_size, kv_caches, final_states)
+        _kl_from_full_caches(model, tokens, positions, values, keys, out, max_rows, batches, final_states, progress)
     else:
         _kl_from_prefix_caches(model, tokens, positions, values, keys, out, kl_positions, max_rows, progress)
     return out
 
 
+def _cache_batches(model: Backend, n_texts: int, batch_size: int, kv_caches: list | None,
+                   final_states: Tensor | None) -> list[tuple[int, int, object]]:
+    """``(first text, n texts, cache or None)`` per batch; given caches must cover the texts in order."""
+    if kv_caches is None or final_states is None:
+        return [(s, min(batch_size, n_texts - s), None) for s in range(0, n_texts, batch_size)]
+    starts = [s for s, _ in kv_caches] + [n_texts]
+    batches = [(s, e - s, c) for (s, c), e in zip(kv_caches, starts[1:])]
+    if starts[0] != 0 or any(n < 1 or c.layers[0].keys.shape[0] != n for _, n, c in batches):
+        raise ValueError("kv_caches must be (first text, cache) for consecutive batches covering every text, "
+                         "as collect_hidden_states(keep_kv_cache=True) returns them.")
+    if final_states.shape[0] % n_texts or any(c.get_seq_length() == 0 for _, _, c in batches):
+        raise ValueError("final_states must hold h_L at every row, and every cache must be filled.")
+    return batches
+
+
 @torch.no_grad()
 def _kl_from_full_caches(model: Backend, tokens: Tensor, positions: Tensor, values: Mapping[Hashable, Tensor],
-                         keys: list, out: dict, max_rows: int, batch_size: int, progress: bool) -> None:
+                         keys: list, out: dict, max_rows: int, batches: list, final_states: Tensor | None,
+                         progress: bool) -> None:
     """Each batch of texts is run once; then, per boundary ``b``, every (variant, sampled position)
     enters at ``h_b`` as a query against the texts' caches and runs blocks ``b..L-1`` only."""
     n_texts, per_text = positions.shape
@@ -127,12 +148,14 @@ def _kl_from_full_caches(model: Backend, tokens: Tensor, positions: Tensor, valu
     for key in keys:
         by_boundary.setdefault(boundary_of(key), []).append(key)
     bar = tqdm(total=n_texts, desc="interventions", disable=not progress, unit="text")
-    for start in range(0, n_texts, batch_size):
-        n = min(batch_size, n_texts - start)
+    for start, n, cache in batches:
         rows = slice(start * per_text, (start + n) * per_text)
         pos = positions[start:start + n].to(model.device)
-        cache, normed = full_cache(model, tokens[start:start + n])
-        logits_p = model.unembed_normed(normed[torch.arange(n, device=model.device)[:, None], pos]).flatten(0, 1)
+        if cache is None:
+            cache, normed = full_cache(model, tokens[start:start + n])
+            logits_p = model.unembed_normed(normed[torch.arange(n, device=model.device)[:, None], pos]).flatten(0, 1)
+        else:
+            logits_p = model.unembed(final_states[rows].to(model.device, model.dtype))
         p = torch.softmax(logits_p.float(), dim=-1)                        # [n * per_text, vocab]
         per_call = max(1, max_rows // n)
         for b, group in by_boundary.items():

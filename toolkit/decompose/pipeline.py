@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from toolkit.backends.base import Backend
 from toolkit.collection.from_corpus import collect_from_corpus
-from toolkit.collection.pairs import CollectedStates
+from toolkit.collection.pairs import CollectedStates, kv_cache_bytes
 from toolkit.data import Corpus
 from toolkit.decompose.function_classes import FORMS, FUNCTION_CLASSES, MLPMap, fit_mlps, fit_tokenwise
 from toolkit.decompose.geometry import tokenwise_geometry
@@ -82,6 +82,13 @@ def fit_layer(train: CollectedStates, test: CollectedStates, layer: int, functio
     return fit, tokenwise_geometry(Xq, Yq, fit), Xq, Yq
 
 
+def _kept_caches(model: Backend, test: CollectedStates) -> dict:
+    """patched_kl's arguments that reuse the test texts' caches from the collection, if it kept them."""
+    if test.kv_caches is None:
+        return {}
+    return {"kv_caches": test.kv_caches, "final_states": test.hidden(model.n_layers)}
+
+
 def _fit_layer_mlps(train: CollectedStates, layers: Sequence[int], steps: int, seed: int, progress: bool,
                     max_floats: int = 2 ** 25) -> dict[int, MLPMap]:
     """The global MLP of every layer, trained in batches of layers (each stacked input <= ``max_floats``)."""
@@ -121,9 +128,11 @@ def decompose(model: Backend, corpus: str | Corpus = "embedded", *, layers: Sequ
     _check_settings(model, function_class, form, k, rank, n_train * per_text)
     sweep_layer = layers[len(layers) // 2] if sweep_layer is None else sweep_layer
     need = sorted(set(layers) | ({sweep_layer} if (sweep_k or sweep_rank) else set()))
+    # The test texts' attention caches serve the interventions when they fit in memory (1 GiB).
+    keep_kv = kl_positions == "next" and kv_cache_bytes(model, n_test, seq_len) <= 2 ** 30
     train, test = collect_from_corpus(model, corpus, n_train=n_train, n_test=n_test, seq_len=seq_len,
                                       per_text=per_text, layers=need, seed=seed, batch_size=batch_size,
-                                      progress=progress, use_cache=use_cache)
+                                      progress=progress, use_cache=use_cache, keep_test_kv_cache=keep_kv)
     timings["collect_s"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
@@ -148,7 +157,7 @@ def decompose(model: Backend, corpus: str | Corpus = "embedded", *, layers: Sequ
 
     t2 = time.perf_counter()
     kl = patched_kl(model, test.tokens, test.positions, values, kl_positions=kl_positions, batch_size=batch_size,
-                    progress=progress)
+                    progress=progress, **_kept_caches(model, test))
     timings["interventions_s"] = time.perf_counter() - t2
     columns["kl"] = [kl[("linear", l + 1)].numpy() for l in layers]
     if random_control:
@@ -171,6 +180,7 @@ def decompose(model: Backend, corpus: str | Corpus = "embedded", *, layers: Sequ
         result.sweeps = run_sweeps(model, train, test, sweep_layer, function_class, form, k, rank, sweep_k,
                                    sweep_rank, n_boot, progress)
     timings["sweeps_s"] = time.perf_counter() - t3
+    test.kv_caches = None  # free them
     timings["total_s"] = time.perf_counter() - t0
     result.settings["timings"] = {k_: round(v, 2) for k_, v in timings.items()}
     return result
@@ -188,7 +198,7 @@ def run_sweeps(model: Backend, train: CollectedStates, test: CollectedStates, la
         fit, geom, _, _ = fit_layer(train, test, layer, function_class, form, kk, rr)
         values[(name, v, layer + 1)] = fit.predictions
         errors[(name, v)] = geom.rel_err.numpy()
-    kl = patched_kl(model, test.tokens, test.positions, values, progress=progress)
+    kl = patched_kl(model, test.tokens, test.positions, values, progress=progress, **_kept_caches(model, test))
     out: dict[str, list[dict]] = {}
     for name, v, _, _ in variants:
         rel = errors[(name, v)]
