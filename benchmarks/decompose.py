@@ -3,7 +3,13 @@
 Pipeline: all layers, lowrank k=64 r=64 (update form), 8 positions per text, with the MLP
 comparison and the random-direction control, collection cache off. Reported per stage
 (collect, fit, interventions) and as a ratio to the baseline: plain HF forward passes over the
-same number of texts of the same length, in the same batches, measured in the same run.
+same number of texts of the same length, in the same batches, measured in the same run, once
+before and once after the pipeline (the ratio uses their mean: this shared machine's speed
+drifts by tens of percent within minutes).
+
+Scale: 256 training and 64 test texts of 192 tokens (the defaults' 4:1 split). The fit has a
+fixed part that does not grow with the texts (each layer's MLP: 300 Adam steps of 256 rows), so
+smaller runs have a higher ratio: ``--texts 128 32`` reports it.
 
 Beside it, the plain intervention approach (one full forward per patched position, what
 :func:`toolkit.decompose.interventions.patched_kl_plain` does) on a subset of the same
@@ -20,7 +26,15 @@ import torch
 from benchmarks.common import peak_rss_mb, print_table, timed, write_json
 
 
-def run(out_dir: Path, n_train: int = 128, n_test: int = 32, seq_len: int = 192, batch_size: int = 8,
+def bare_forward(model, texts, batch_size: int, route: str) -> dict:
+    row: dict = {"route": route}
+    with timed(row), torch.no_grad():
+        for s in range(0, len(texts), batch_size):
+            model.hf_model(texts[s:s + batch_size])
+    return row
+
+
+def run(out_dir: Path, n_train: int = 256, n_test: int = 64, seq_len: int = 192, batch_size: int = 8,
         plain_texts: int = 2, plain_layers: tuple[int, ...] = (0, 15, 29), quick: bool = False) -> list[dict]:
     import toolkit
     from toolkit.data import chunk_corpus, load_corpus
@@ -33,17 +47,17 @@ def run(out_dir: Path, n_train: int = 128, n_test: int = 32, seq_len: int = 192,
     model = toolkit.load_model("smollm2-135m", backend="nnsight")
     texts = chunk_corpus(load_corpus("wikitext-test"), model.tokenizer, seq_len=seq_len,
                          max_texts=n_train + n_test).tokens
-    base: dict = {"route": "bare HF forward over the same texts (baseline)"}
-    with timed(base), torch.no_grad():
-        for s in range(0, len(texts), batch_size):
-            model.hf_model(texts[s:s + batch_size])
-
+    before = bare_forward(model, texts, batch_size, "bare HF forward over the same texts, before the pipeline")
     result = decompose(model, "wikitext-test", n_train=n_train, n_test=n_test, seq_len=seq_len, form="update",
                        batch_size=batch_size, n_boot=200, progress=False, use_cache=False)
+    after = bare_forward(model, texts, batch_size, "bare HF forward over the same texts, after the pipeline")
+    base = {"route": "baseline: mean of the two bare passes",
+            "seconds": round((before["seconds"] + after["seconds"]) / 2, 3)}
     t = result.settings["timings"]
-    rows = [base] + [{"route": f"pipeline: {stage}", "seconds": t[f"{stage}_s"]}
-                     for stage in ("collect", "fit", "interventions")]
+    rows = [before, after, base] + [{"route": f"pipeline: {stage}", "seconds": t[f"{stage}_s"]}
+                                    for stage in ("collect", "fit", "interventions")]
     rows.append({"route": "pipeline: total (all layers, k=64, r=64, 8 positions/text)", "seconds": t["total_s"]})
+    total = rows[-1]
     n_interventions = len(result.anchors["kl"]) * (3 if result.settings["compare_mlp"] else 2)
 
     # Plain vs fast on the same subset of interventions (cache hit: the states are collected above).
@@ -70,7 +84,7 @@ def run(out_dir: Path, n_train: int = 128, n_test: int = 32, seq_len: int = 192,
         row["ratio_to_baseline"] = round(row["seconds"] / base["seconds"], 2)
     fast["ratio_plain_to_fast"] = round(plain["seconds"] / fast["seconds"], 1)
     fast["max_abs_kl_diff"] = f"{max_diff:.1e}"
-    rows[4]["peak_rss_mb"] = peak_rss_mb()
+    total["peak_rss_mb"] = peak_rss_mb()
     print_table(rows)
     write_json(out_dir, "decompose", rows, {"model": "smollm2-135m", "corpus": "wikitext-test", "n_train": n_train,
                                             "n_test": n_test, "seq_len": seq_len, "per_text": 8, "k": 64,
@@ -84,6 +98,7 @@ def run(out_dir: Path, n_train: int = 128, n_test: int = 32, seq_len: int = 192,
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--texts", type=int, nargs=2, metavar=("N_TRAIN", "N_TEST"), default=(256, 64))
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
-    run(Path(args.out), quick=args.quick)
+    run(Path(args.out), n_train=args.texts[0], n_test=args.texts[1], quick=args.quick)

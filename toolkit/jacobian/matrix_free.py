@@ -11,9 +11,10 @@ triplets need far fewer products. :func:`randomized_svd` builds a block Krylov s
 the singular triplets off them by Rayleigh–Ritz, after every half step: ``J [V_1 ... V_j]``
 is ``J`` restricted to the input subspace, ``J^T [U_1 ... U_j]`` (``U_j`` = orthonormalised
 ``J V_j``) to the output subspace half a step further; an SVD of either gives ``U``, ``S``,
-``V``. It stops when the top-``k`` values change by less than ``tol`` (relative) from one
-half step to the next and the change, extrapolated as a geometric series at the observed
-rate, leaves less than ``tol`` to come.
+``V``. It stops when the change of the top-``k`` values still to come, extrapolated as a
+geometric series at the rate observed over the last two half steps, is below ``tol``
+(relative), and the last change itself below ``4 * tol`` (so that a single lucky rate cannot
+stop it early).
 This is randomized subspace iteration with power steps, but keeping the whole Krylov
 basis instead of only the last block, which converges several times faster for the same
 number of products (Musco & Musco, NeurIPS 2015).
@@ -136,14 +137,14 @@ def randomized_svd(matvec: MatVec, rmatvec: MatVec, shape: tuple[int, int], k: i
     changes: list[float] = []
 
     def settled(S: Tensor) -> bool:
-        """Estimated remaining error below ``tol``: the last change, extrapolated geometrically."""
+        """Estimated remaining change below ``tol`` (the last change, extrapolated geometrically), last change < 4 tol."""
         if previous is None or len(S) != len(previous) or len(S) < k:
             return False
         changes.append(float(((S - previous).abs() / S.clamp_min(1e-300)).max()))
         if len(changes) < 2:
             return False
         rate = min(changes[-1] / max(changes[-2], 1e-300), 0.99)
-        return changes[-1] < tol and changes[-1] * rate / (1 - rate) < tol
+        return changes[-1] < 4 * tol and changes[-1] * rate / (1 - rate) < tol
 
     for step in range(max_blocks):
         JV = matvec(V.to(dtype=dtype, device=device)).to(torch.float64).cpu()
@@ -212,9 +213,9 @@ def jacobian_svd(hf_model: nn.Module, input_ids: Tensor, *, target: Target = "ou
         k: number of singular triplets.
         oversample: extra vectors per Krylov block (block size ``k + oversample``); the Krylov
             basis keeps every block, so small blocks cost the fewest products.
-        max_blocks / tol: stop after ``max_blocks`` blocks, or once the top-``k`` values move by
-            less than ``tol`` (relative) in half a step and the extrapolated remaining change is
-            below ``tol`` too (SmolLM2, 64 tokens: error ~2e-6 for the default 1e-5; ~1e-5 for 1e-4).
+        max_blocks / tol: stop after ``max_blocks`` blocks, or once the extrapolated remaining change
+            of the top-``k`` values is below ``tol`` (relative; see the module docstring). SmolLM2,
+            64 tokens: error 2.2e-6 for the default 1e-5 (64 JVP + 56 VJP), 5.2e-5 for 1e-4 (56 + 48).
         chunk_size: JVPs / VJPs per batched pass.
 
     Example:
