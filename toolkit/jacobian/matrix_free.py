@@ -137,7 +137,7 @@ def randomized_svd(matvec: MatVec, rmatvec: MatVec, shape: tuple[int, int], k: i
     changes: list[float] = []
 
     def settled(S: Tensor) -> bool:
-        """Estimated remaining change below ``tol`` (the last change, extrapolated geometrically), last change < 4 tol."""
+        """Extrapolated remaining change below ``tol`` and the last change below ``4 * tol``."""
         if previous is None or len(S) != len(previous) or len(S) < k:
             return False
         changes.append(float(((S - previous).abs() / S.clamp_min(1e-300)).max()))
