@@ -11,6 +11,8 @@
 (d) **top-8 SVD of one block's full transform** ``h_l -> h_{l+1}`` (``T*d x T*d``, 36 864 square at
     64 tokens): matrix-free against forming it from ``T*d`` JVP columns (5.4 GB) and taking its top-8
     SVD by the same block Krylov on the dense matrix (a full dense SVD of that size takes hours).
+    Block 1: a layer target's products still run the blocks below it (their output is replaced
+    at the block's input), so a deep block would mostly time that prefix, in both routes.
 
 ``python -m benchmarks.jacobian [--quick] [--threads N] [--out DIR]`` (or through
 ``python -m benchmarks.run --only jacobian``). ``--quick`` runs every case on the first 4
@@ -28,9 +30,9 @@ import torch
 
 from benchmarks.common import print_table, write_json
 
-FULL = {"a_tokens": (8, 64), "b_tokens": 8, "c_tokens": 64, "d_tokens": 64, "d_layer": 15, "n_layers": None,
+FULL = {"a_tokens": (8, 64), "b_tokens": 8, "c_tokens": 64, "d_tokens": 64, "d_layer": 1, "n_layers": None,
         "components": ("resid",)}
-QUICK = {"a_tokens": (4,), "b_tokens": 4, "c_tokens": 8, "d_tokens": 8, "d_layer": 2, "n_layers": 4,
+QUICK = {"a_tokens": (4,), "b_tokens": 4, "c_tokens": 8, "d_tokens": 8, "d_layer": 1, "n_layers": 4,
          "components": ("resid", "attn", "mlp")}
 
 
@@ -224,16 +226,17 @@ def run(out_dir: Path, quick: bool = False, threads: int | None = None) -> list[
         model = load_smollm2(setting["n_layers"])
         warm_up(model)
         rows: list[dict] = []
-        for n_tokens in setting["a_tokens"]:
-            rows += case_output_jacobian(model, n_tokens)
-        rows += case_all_layers(model, setting["b_tokens"], setting["components"])
-        rows += case_top_svd(model, setting["c_tokens"])
-        rows += case_layer_svd(model, setting["d_tokens"], setting["d_layer"])
-        print_table(rows)
-        write_json(out_dir, "jacobian" + ("_quick" if quick else ""), rows,
-                   {"model": "smollm2-135m" + (f" (first {setting['n_layers']} layers)" if setting["n_layers"] else ""),
+        settings = {"model": "smollm2-135m" + (f" (first {setting['n_layers']} layers)" if setting["n_layers"] else ""),
                     "dtype": "float32", "device": "cpu", "threads": torch.get_num_threads(), "quick": quick,
-                    **{k: list(v) if isinstance(v, tuple) else v for k, v in setting.items()}})
+                    **{k: list(v) if isinstance(v, tuple) else v for k, v in setting.items()}}
+        cases = [lambda n=n: case_output_jacobian(model, n) for n in setting["a_tokens"]]
+        cases += [lambda: case_all_layers(model, setting["b_tokens"], setting["components"]),
+                  lambda: case_top_svd(model, setting["c_tokens"]),
+                  lambda: case_layer_svd(model, setting["d_tokens"], setting["d_layer"])]
+        for case in cases:  # the JSON is rewritten after each case: a stopped run keeps what it measured
+            rows += case()
+            write_json(out_dir, "jacobian" + ("_quick" if quick else ""), rows, settings)
+        print_table(rows)
     finally:
         torch.set_num_threads(previous_threads)
     return rows

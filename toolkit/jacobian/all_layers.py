@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from toolkit.jacobian.compute import build_result
 from toolkit.jacobian.freeze import detached as frozen
 from toolkit.jacobian.freeze import eager_attention
-from toolkit.jacobian.operator import basis, batched_jvp, batched_replay, batched_vjp
+from toolkit.jacobian.operator import basis, batched_jvp, batched_replay, batched_vjp, jacobian_by_rows
 from toolkit.jacobian.result import DetachedJacobian
 from toolkit.jacobian.targets import (SUBLAYER_OUTPUTS, TargetSpec, _as_ids, input_embeddings, resolve_target,
                                       states_function)
@@ -184,12 +184,8 @@ def all_layer_jacobians(hf_model: nn.Module, input_ids: Tensor, *, position: int
                 jacs = []  # each [T, d_out, d], written in place
                 if mode == "reverse":  # d_out rows per target, from its own graph (its own depth)
                     for y in ys:
-                        jac, d_out = x.new_empty(T, y.shape[0], d), y.shape[0]
-                        for start in range(0, d_out, chunk_size):
-                            stop = min(start + chunk_size, d_out)
-                            cot = basis(d_out, start, stop, dtype=y.dtype, device=y.device)
-                            jac[:, start:stop] = batched_vjp(y, xg, cot, chunk_size).movedim(0, 1)
-                        jacs.append(jac)
+                        jacs.append(jacobian_by_rows(lambda u, y=y: batched_vjp(y, xg, u, chunk_size), y.shape[0],
+                                                     (T, d), chunk_size, dtype=y.dtype, device=y.device))
                 else:  # column (i, k) of every target's J from one JVP of e_{i,k}
                     n = T * d
                     cols = [x.new_empty(n, y.shape[0]) for y in ys]  # [T*d, d_out] each

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from toolkit.jacobian.freeze import detached as frozen
-from toolkit.jacobian.operator import Mode, basis, batched_vjp, frozen_operator
+from toolkit.jacobian.operator import Mode, batched_vjp, frozen_operator, jacobian_by_rows
 from toolkit.jacobian.result import DetachedJacobian
 from toolkit.jacobian.targets import (Target, _as_ids, input_embeddings, resolve_target, state_function,
                                       target_input)
@@ -103,8 +103,8 @@ def jacobian_rows(y: Tensor, x: Tensor, chunk_size: int = 64) -> Tensor:
         raise ValueError(f"y must be a vector [d_out], got shape {tuple(y.shape)}.")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
-    eye = torch.eye(y.shape[0], dtype=y.dtype, device=y.device)
-    return batched_vjp(y, x, eye, chunk_size).movedim(0, -2).contiguous()
+    return jacobian_by_rows(lambda u: batched_vjp(y, x, u, chunk_size), y.shape[0], tuple(x.shape), chunk_size,
+                            dtype=y.dtype, device=y.device)
 
 
 @contextmanager
@@ -196,11 +196,7 @@ def jacobian_terms(hf_model: nn.Module, f: Callable[[Tensor], Tensor], x: Tensor
             raise ValueError(f"y must be a vector [d_out], got shape {tuple(y.shape)}.")
         d_out = y.shape[0]
         if mode == "reverse":  # rows written in place: peak memory = J + one chunk
-            jac = x.new_empty(*x.shape[:-1], d_out, x.shape[-1])  # [T, d_out, d_in]
-            for start in range(0, d_out, chunk_size):
-                stop = min(start + chunk_size, d_out)
-                rows = op.vjp(basis(d_out, start, stop, dtype=y.dtype, device=y.device))  # [chunk, T, d_in]
-                jac[..., start:stop, :] = rows.movedim(0, -2)
+            jac = jacobian_by_rows(op.vjp, d_out, tuple(x.shape), chunk_size, dtype=y.dtype, device=y.device)
         else:
             jac = op.dense(mode).reshape(d_out, *x.shape).movedim(0, -2).contiguous()
         c = op.constant()

@@ -137,6 +137,26 @@ def basis(n: int, start: int, stop: int, *, dtype: torch.dtype = torch.float32,
     return e
 
 
+def jacobian_by_rows(vjp: Callable[[Tensor], Tensor], d_out: int, in_shape: tuple[int, ...], chunk_size: int = 64,
+                     *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Tensor:
+    """Every row of a ``d_out``-output Jacobian from a VJP callable: ``[*in_shape[:-1], d_out, in_shape[-1]]``.
+
+    ``vjp`` maps cotangents ``[B, d_out]`` to ``[B, *in_shape]``; rows are asked for
+    ``chunk_size`` at a time and written in place, so peak memory is ``J`` plus one chunk.
+
+    Example:
+        >>> W = torch.randn(4, 3)
+        >>> torch.allclose(jacobian_by_rows(lambda u: u @ W, 4, (3,), chunk_size=3), W)
+        True
+    """
+    _check_chunk(chunk_size)
+    jac = torch.empty(*in_shape[:-1], d_out, in_shape[-1], dtype=dtype, device=device)
+    for start in range(0, d_out, chunk_size):
+        stop = min(start + chunk_size, d_out)
+        jac[..., start:stop, :] = vjp(basis(d_out, start, stop, dtype=dtype, device=device)).movedim(0, -2)
+    return jac
+
+
 @dataclass
 class FrozenOperator:
     """``J = df/dx`` at ``x`` as an ``m x n`` operator (``m = prod(out_shape)``, ``n = prod(in_shape)``).
