@@ -30,7 +30,7 @@ import torch
 
 from benchmarks.common import print_table, write_json
 
-FULL = {"a_tokens": (8, 64), "b_tokens": 8, "c_tokens": 64, "d_tokens": 64, "d_layer": 1, "n_layers": None,
+FULL = {"a_tokens": (8, 64), "b_tokens": 8, "c_tokens": 64, "d_tokens": 16, "d_layer": 1, "n_layers": None,
         "components": ("resid",)}
 QUICK = {"a_tokens": (4,), "b_tokens": 4, "c_tokens": 8, "d_tokens": 8, "d_layer": 1, "n_layers": 4,
          "components": ("resid", "attn", "mlp")}
