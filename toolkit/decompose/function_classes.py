@@ -54,6 +54,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from toolkit.decompose.neighbours import check_pairs, knn_cosine
 
@@ -409,13 +410,13 @@ def fit_mlp(train_X: Tensor, train_Y: Tensor, form: Form = "update", hidden: int
 
 
 def fit_mlps(pairs: list[tuple[Tensor, Tensor]], form: Form = "update", hidden: int = 256, steps: int = 500,
-             lr: float = 1e-3, batch_size: int = 256, seed: int = 0) -> list[MLPMap]:
+             lr: float = 1e-3, batch_size: int = 256, seed: int = 0, progress: bool = False) -> list[MLPMap]:
     """:func:`fit_mlp` for several training sets of the same shape (one per layer), trained as one batch.
 
     Each network gets what :func:`fit_mlp` would give it on its own (the same initial weights and
     minibatch rows from the seed, a loss summed over networks so gradients do not mix, Adam
     elementwise), but the steps run as batched matrix products: one optimiser loop instead of
-    one per layer.
+    one per layer. ``progress`` shows a bar over the steps.
     """
     if not pairs:
         return []
@@ -443,7 +444,7 @@ def fit_mlps(pairs: list[tuple[Tensor, Tensor]], form: Form = "update", hidden: 
     opt = torch.optim.Adam(params, lr=lr, fused=True)   # one pass over the weights per step, not ten
     losses = torch.full((n_nets,), float("nan"))
     with torch.enable_grad():
-        for _ in range(steps):
+        for _ in tqdm(range(steps), desc=f"fit {n_nets} MLP{'s' * (n_nets > 1)}", disable=not progress, unit="step"):
             batch = torch.randint(0, n_rows, (min(batch_size, n_rows),), generator=gen).to(X.device)
             h = torch.nn.functional.gelu(torch.baddbmm(params[1], Xs.index_select(1, batch), params[0]))
             losses = ((torch.baddbmm(params[3], h, params[2]) - Ts.index_select(1, batch)) ** 2).mean(dim=(1, 2))

@@ -95,8 +95,9 @@ def _fit_layer_mlps(train: CollectedStates, layers: Sequence[int], steps: int, s
     per_group = max(1, max_floats // max(1, train.pairs(layers[0])[0].numel()))
     out: dict[int, MLPMap] = {}
     groups = [layers[i:i + per_group] for i in range(0, len(layers), per_group)]
-    for group in tqdm(groups, desc="fit MLPs", disable=not progress or len(groups) == 1, unit="group"):
-        for layer, mlp in zip(group, fit_mlps([train.pairs(l) for l in group], "update", steps=steps, seed=seed)):
+    for group in groups:
+        pairs = [train.pairs(l) for l in group]
+        for layer, mlp in zip(group, fit_mlps(pairs, "update", steps=steps, seed=seed, progress=progress)):
             out[layer] = mlp
     return out
 
