@@ -157,3 +157,12 @@ def test_caches_kept_from_collection_give_the_same_kl(backend, request, tmp_path
                                  keep_kv_cache=True).kv_caches is None
     assert collect_hidden_states(model, tokens, positions, layers=[3], cache_dir=tmp_path,
                                  keep_kv_cache=True).kv_caches is None
+
+
+def test_run_queries_keeps_a_bf16_gpt2_in_bf16(smollm2_tokenizer):
+    # GPT-2's learned positions are swapped for zeros: they must be in the model's dtype, not float32
+    model = make_backend(tiny_hf_model("gpt2", n_layers=3, vocab_size=smollm2_tokenizer.vocab_size,
+                                       dtype=torch.bfloat16), smollm2_tokenizer)
+    cache, _ = full_cache(model, torch.randint(0, 500, (2, 10)))
+    out = run_queries(model, cache, 10, 2, torch.randn(2, 3, model.d_model), torch.tensor([[1, 4, 9], [0, 2, 5]]))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()

@@ -104,12 +104,12 @@ class _PassThrough(nn.Module):
 class _NoPositions(nn.Module):
     """Stands in for a learned position embedding that ``h_b`` already contains."""
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, dtype: torch.dtype):
         super().__init__()
-        self.width = width
+        self.width, self.dtype = width, dtype
 
-    def forward(self, position_ids: Tensor) -> Tensor:
-        return torch.zeros(*position_ids.shape, self.width, device=position_ids.device)
+    def forward(self, position_ids: Tensor) -> Tensor:  # the model's dtype: float32 zeros would promote bf16
+        return torch.zeros(*position_ids.shape, self.width, dtype=self.dtype, device=position_ids.device)
 
 
 @contextmanager
@@ -125,7 +125,7 @@ def entering_at(model: Backend, boundary: int):
         for i in range(boundary):
             blocks[i] = _PassThrough()
         if learned is not None:
-            setattr(base, spec.positions_attr, _NoPositions(model.d_model))
+            setattr(base, spec.positions_attr, _NoPositions(model.d_model, learned.weight.dtype))
         yield base
     finally:
         for i, block in enumerate(below):
