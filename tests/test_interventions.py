@@ -101,8 +101,8 @@ def test_fast_kl_equals_plain_on_tiny_models(arch, smollm2_tokenizer):
 def test_full_cache_route_on_gemma3_with_both_layer_types(smollm2_tokenizer):
     # 7 layers of Gemma 3: sliding and global layers (own rotary bases) in one model, window wider
     # than text + queries, so every boundary takes the full-cache route that skips the blocks below it.
-    model = make_backend(tiny_hf_model("gemma3", n_layers=7, sliding_window=64, vocab_size=smollm2_tokenizer.vocab_size),
-                         smollm2_tokenizer)
+    hf = tiny_hf_model("gemma3", n_layers=7, sliding_window=64, vocab_size=smollm2_tokenizer.vocab_size)
+    model = make_backend(hf, smollm2_tokenizer)
     assert len(set(model.hf_model.config.layer_types)) == 2
     g = torch.Generator().manual_seed(2)
     tokens = torch.randint(0, 500, (3, 20), generator=g)

@@ -452,8 +452,8 @@ def fit_mlps(pairs: list[tuple[Tensor, Tensor]], form: Form = "update", hidden: 
             losses.sum().backward()
             opt.step()
     W1s, b1s, W2s, b2s = (p.detach() for p in params)
-    return [MLPMap(W1s[i].T.contiguous(), b1s[i, 0], W2s[i].T.contiguous(), b2s[i, 0], in_mean[i], in_std[i], out_mean[i], out_std[i], form,
-                   float(losses[i].detach())) for i in range(n_nets)]
+    return [MLPMap(W1s[i].T.contiguous(), b1s[i, 0], W2s[i].T.contiguous(), b2s[i, 0], in_mean[i], in_std[i],
+                   out_mean[i], out_std[i], form, float(losses[i].detach())) for i in range(n_nets)]
 
 
 def fit_tokenwise(train_X: Tensor, train_Y: Tensor, query_X: Tensor, function_class: FunctionClass,

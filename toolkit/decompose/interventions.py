@@ -41,14 +41,14 @@ def kl_divergence(logits_p: Tensor, logits_q: Tensor) -> Tensor:
 
 
 def kl_many(logits_p: Tensor, logits_q: Tensor, p: Tensor | None = None) -> Tensor:
-    """``KL(P_r || Q_rc)`` for ``logits_p [R, V]`` and ``logits_q [R, C, V]`` (C variants of each P): ``[R, C]`` float64.
+    """``KL(P_r || Q_rc)``, float64 ``[R, C]``, for ``logits_p [R, V]`` and ``logits_q [R, C, V]`` (C variants per P).
 
     With ``d = logits_q - logits_p`` shifted by about its P-mean, ``KL = log(sum p e^d) - sum p d``
     (any shift of ``d`` cancels between the two terms), evaluated as ``log1p(s1 + s2) - s1`` with
     ``s1 = sum p d`` and ``s2 = sum p (e^d - 1 - d)``, a sum of nonnegative terms: float32 passes
-    over the vocabulary and no log-softmax, yet small KLs keep their digits (``s1`` cancels exactly). Rows where ``d`` exceeds 30 somewhere
-    (``expm1`` would overflow) are recomputed by log-softmax in float64. ``p`` is
-    ``softmax(logits_p)``, passed when it is already at hand.
+    over the vocabulary and no log-softmax, yet small KLs keep their digits (``s1`` cancels exactly).
+    Rows where ``d`` exceeds 30 somewhere (``expm1`` would overflow) are recomputed by log-softmax in
+    float64. ``p`` is ``softmax(logits_p)``, passed when it is already at hand.
     """
     logits_p, logits_q = logits_p.float(), logits_q.float()
     p = torch.softmax(logits_p, dim=-1) if p is None else p
@@ -114,14 +114,14 @@ def patched_kl(model: Backend, tokens: Tensor, positions: Tensor, values: Mappin
     out = {key: torch.zeros(n_texts * per_text, dtype=torch.float64) for key in keys}
     widest = max(sum(boundary_of(k) == b for k in keys) for b in {boundary_of(k) for k in keys})
     if kl_positions == "next" and full_cache_supported(model, tokens.shape[1], min(widest, max_rows) * per_text):
-        batches = _cache_batches(model, tokens.shape[0], batch_size, kv_caches, final_states)
+        batches = _cache_batches(n_texts, per_text, batch_size, kv_caches, final_states)
         _kl_from_full_caches(model, tokens, positions, values, keys, out, max_rows, batches, final_states, progress)
     else:
         _kl_from_prefix_caches(model, tokens, positions, values, keys, out, kl_positions, max_rows, progress)
     return out
 
 
-def _cache_batches(model: Backend, n_texts: int, batch_size: int, kv_caches: list | None,
+def _cache_batches(n_texts: int, per_text: int, batch_size: int, kv_caches: list | None,
                    final_states: Tensor | None) -> list[tuple[int, int, object]]:
     """``(first text, n texts, cache or None)`` per batch; given caches must cover the texts in order."""
     if kv_caches is None or final_states is None:
@@ -131,7 +131,7 @@ def _cache_batches(model: Backend, n_texts: int, batch_size: int, kv_caches: lis
     if starts[0] != 0 or any(n < 1 or c.layers[0].keys.shape[0] != n for _, n, c in batches):
         raise ValueError("kv_caches must be (first text, cache) for consecutive batches covering every text, "
                          "as collect_hidden_states(keep_kv_cache=True) returns them.")
-    if final_states.shape[0] % n_texts or any(c.get_seq_length() == 0 for _, _, c in batches):
+    if final_states.shape[0] != n_texts * per_text or any(c.get_seq_length() == 0 for _, _, c in batches):
         raise ValueError("final_states must hold h_L at every row, and every cache must be filled.")
     return batches
 
