@@ -291,6 +291,39 @@ def test_mlps_trained_together_equal_mlps_trained_alone():
         fit_mlps([pairs[0], (pairs[1][0][:200], pairs[1][1][:200])])
 
 
+
+def _autograd_mlp_training(X, T, hidden, steps, lr, batch_size, seed):
+    """Reference for fit_mlps' hand-written gradients: the same network, init and minibatches, by autograd."""
+    gen = torch.Generator().manual_seed(seed)
+    d = X.shape[1]
+    W1 = ((torch.rand(hidden, d, generator=gen) * 2 - 1) / d ** 0.5).requires_grad_()
+    W2 = ((torch.rand(d, hidden, generator=gen) * 2 - 1) / hidden ** 0.5).requires_grad_()
+    b1, b2 = torch.zeros(hidden, requires_grad=True), torch.zeros(d, requires_grad=True)
+    Xs = (X - X.mean(0)) / X.std(0).clamp_min(1e-6)
+    Ts = (T - T.mean(0)) / T.std(0).clamp_min(1e-6)
+    opt = torch.optim.Adam([W1, b1, W2, b2], lr=lr)
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        batch = torch.randint(0, X.shape[0], (min(batch_size, X.shape[0]),), generator=gen)
+        out = torch.nn.functional.gelu(Xs[batch] @ W1.T + b1) @ W2.T + b2
+        loss = ((out - Ts[batch]) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return W1.detach(), b1.detach(), W2.detach(), b2.detach(), float(loss)
+
+
+def test_mlp_training_gradients_match_autograd():
+    pairs = [(X, X + torch.tanh(k * X)) for k, X in ((1, _rand(300, 7, seed=65).float()),
+                                                     (2, _rand(300, 7, seed=66).float()))]
+    nets = fit_mlps(pairs, hidden=12, steps=40, lr=3e-3, batch_size=64, seed=3)
+    for (X, Y), m in zip(pairs, nets):
+        W1, b1, W2, b2, loss = _autograd_mlp_training(X, Y - X, 12, 40, 3e-3, 64, 3)
+        for ours, ref in ((m.W1, W1), (m.b1, b1), (m.W2, W2), (m.b2, b2)):
+            torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+        assert abs(m.final_loss - loss) <= 1e-5 * loss
+        assert not torch.allclose(m.W1, _autograd_mlp_training(X, Y - X, 12, 0, 3e-3, 64, 3)[0])  # it trained
+
 # ----------------------------------------------------------------------------- interpolation
 
 def test_interpolation_is_the_weighted_sum_of_anchor_maps():

@@ -117,6 +117,15 @@ def _svd(A: Tensor, full_matrices: bool = True) -> tuple[Tensor, Tensor, Tensor]
     return U.to(A.dtype), S.to(A.dtype), Vh.to(A.dtype)
 
 
+def _gram_eigh(W: Tensor) -> tuple[Tensor, Tensor]:
+    """``(U, S)`` of a wide ``W [b, m, n]`` (m <= n) from its m x m Gram matrix in float64, descending;
+    singular values under 1e-6 of the largest are returned as zero (see :func:`_thin_svd`)."""
+    W = W.double()
+    lam, U = torch.linalg.eigh(W @ W.mT)
+    S = lam.flip(-1).clamp_min(0).sqrt()
+    return U.flip(-1), S * (S > 1e-6 * S[..., :1])
+
+
 def _thin_svd(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Thin SVD of ``A [b, m, n]``; from the m x m (or n x n) Gram matrix in float64 when ``A`` is float32.
 
@@ -130,13 +139,19 @@ def _thin_svd(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return _svd(A, full_matrices=False)
     tall = A.shape[-2] > A.shape[-1]
     W = (A.mT if tall else A).double()                                     # wide: [b, m, n], m <= n
-    lam, U = torch.linalg.eigh(W @ W.mT)
-    lam, U = lam.flip(-1), U.flip(-1)                                      # descending
-    S = lam.clamp_min(0).sqrt()
-    resolved = S > 1e-6 * S[..., :1]
+    U, S = _gram_eigh(W)
+    resolved = S > 0
     Vh = (U.mT @ W) * (resolved / torch.where(resolved, S, 1))[..., None]
-    U, S, Vh = U.to(A.dtype), (S * resolved).to(A.dtype), Vh.to(A.dtype)
+    U, S, Vh = U.to(A.dtype), S.to(A.dtype), Vh.to(A.dtype)
     return (Vh.mT, S, U.mT) if tall else (U, S, Vh)
+
+
+def _left_singular(A: Tensor) -> tuple[Tensor, Tensor]:
+    """``(U, S)`` of the thin SVD of ``A [b, m, n]``, float64: ``Vh`` is not formed where it need not be."""
+    if A.dtype == torch.float64 or A.shape[-2] > A.shape[-1]:
+        U, S, _ = _thin_svd(A)
+        return U.double(), S.double()
+    return _gram_eigh(A)
 
 
 def _default_rcond(dtype: torch.dtype, k: int, d: int) -> float:
@@ -171,29 +186,43 @@ def _fit_diag_chunk(Xn, Yn, P, form, keep, rcond):
     return pred, vecs, vals
 
 
-def _fit_lowrank_chunk(Xn, Yn, P, form, rank, keep, rcond):
+def _fit_lowrank_chunk(Xn, Tn, P, form, rank, keep, rcond):
+    """``Tn``: the neighbours' targets, ``Y`` (plain form) or the updates ``Y - X`` (update form)."""
     if form == "plain":
-        Xc, Tn, inp, offset = Xn, Yn, P, None
+        Xc, inp, offset = Xn, P, None
     else:
         mu_x = Xn.mean(1, keepdim=True)
-        Un = Yn - Xn
-        b = Un.mean(1, keepdim=True)
+        b = Tn.mean(1, keepdim=True)
         # With centred inputs the intercept decouples: b is the mean update, A fits the rest.
-        Xc, Tn, inp, offset = Xn - mu_x, Un - b, P - mu_x[:, 0], P + b[:, 0]
-    # Min-norm LS: A = T^T pinv(X)^T = (T^T U S^+) V^T with X = U S V^T (thin, q = min(k, d)).
-    U, S, Vh = _thin_svd(Xc)
+        Xc, Tn, inp, offset = Xn - mu_x, Tn - b, P - mu_x[:, 0], P + b[:, 0]
+    # Min-norm LS: A = T^T pinv(X)^T = B Vh with X = U S V^T (thin, q = min(k, d)) and B = T^T U S^+.
+    # Everything is applied through k-sized factors, never forming Vh or a d x d map:
+    # A h = T^T M v with M = U S^+ and v = Vh h = S^+ U^T (X h).
+    U, S = _left_singular(Xc)                                         # float64, [b, k, q], [b, q]
     keep_s = S > rcond * S[:, :1]
     S_inv = torch.where(keep_s, 1 / torch.where(keep_s, S, 1), torch.zeros_like(S))
-    B = Tn.mT @ (U * S_inv[:, None, :])                               # [b, d, q]
-    # SVD of the d x q factor gives A's SVD at q-size cost: A = Pm diag(Sig) (Gh Vh).
-    Pm, Sig, Gh = _thin_svd(B)
-    Rh = Gh @ Vh                                                      # [b, q, d], orthonormal rows
-    r = Sig.shape[1] if rank is None else min(rank, Sig.shape[1])    # rank >= k truncates nothing
-    Pm, Sig, Rh = Pm[..., :r], Sig[:, :r], Rh[:, :r]
-    lin = (Pm @ (Sig * (Rh @ inp.unsqueeze(-1)).squeeze(-1)).unsqueeze(-1)).squeeze(-1)
+    M = U * S_inv[:, None, :]                                         # [b, k, q]
+    v = S_inv * (U.mT @ (Xc @ inp.unsqueeze(-1)).double()).squeeze(-1)   # [b, q]
+    # B's SVD from its q x q Gram B^T B = M^T (T T^T) M: A = Pm diag(Sig) (E^T Vh), Pm = B E / Sig.
+    # In T's precision: only B's leading directions are used (the top ``keep``, or the top ``rank``).
+    lam, E = torch.linalg.eigh((M.mT @ (Tn @ Tn.mT).double() @ M).to(Tn.dtype))
+    lam, E = lam.flip(-1).double(), E.flip(-1).double()              # descending
+    Sig = lam.clamp_min(0).sqrt()
+    Sig = Sig * (Sig > 1e-6 * Sig[:, :1])                             # unresolved directions count as zero
+    q = Sig.shape[1]
+    r = q if rank is None else min(rank, q)                           # rank >= k truncates nothing
+    if r < q:                                                         # truncated: project v on B's top r
+        E_r = E[..., :r]
+        v = (E_r @ (E_r.mT @ v.unsqueeze(-1))).squeeze(-1)
+    lin = (Tn.mT @ (M @ v.unsqueeze(-1)).to(Tn.dtype)).squeeze(-1)
     pred = lin if offset is None else offset + lin
     s = min(keep, r)
-    return pred, (Pm[..., :s].mT if s else None), (Sig[:, :s] if s else None)
+    if not s:
+        return pred, None, None
+    Sig_s = Sig[:, :s]
+    scale = torch.where(Sig_s > 0, 1 / torch.where(Sig_s > 0, Sig_s, 1), torch.zeros_like(Sig_s))
+    Pm_s = Tn.mT @ ((M @ E[..., :s]) * scale[:, None, :]).to(Tn.dtype)   # [b, d, s]
+    return pred, Pm_s.mT, Sig_s.to(Tn.dtype)
 
 
 def _fit_orthogonal_chunk(Xn, Yn, P, form, keep, rcond):
@@ -281,9 +310,11 @@ def fit_local_maps(train_X: Tensor, train_Y: Tensor, neighbours: Tensor, points:
     points = points.to(train_X.dtype)
     rcond = _default_rcond(train_X.dtype, k, d) if rcond is None else rcond
     preds, vecs, vals = [], [], []
+    # lowrank's update form fits the updates: take them once, not per neighbourhood
+    targets = train_Y - train_X if function_class == "lowrank" and form == "update" else train_Y
     for start in range(0, points.shape[0], chunk_size):
         idx = neighbours[start:start + chunk_size]
-        Xn, Yn, P = train_X[idx], train_Y[idx], points[start:start + chunk_size]     # [b, k, d] x2, [b, d]
+        Xn, Yn, P = train_X[idx], targets[idx], points[start:start + chunk_size]     # [b, k, d] x2, [b, d]
         if function_class == "diag_local":
             out = _fit_diag_chunk(Xn, Yn, P, form, keep_singular, rcond)
         elif function_class == "lowrank":
@@ -430,26 +461,45 @@ def fit_mlps(pairs: list[tuple[Tensor, Tensor]], form: Form = "update", hidden: 
     T = torch.stack([(Y_ - X_ if form == "update" else Y_).detach() for X_, Y_ in pairs])
     in_mean, in_std = X.mean(1), X.std(1).clamp_min(1e-6)                         # [L, d]
     out_mean, out_std = T.mean(1), T.std(1).clamp_min(1e-6)
-    Xs, Ts = (X - in_mean[:, None]) / in_std[:, None], (T - out_mean[:, None]) / out_std[:, None]
+    # standardised in place: the stacks are ours, and at 30 layers each is a few hundred MB
+    Xs, Ts = X.sub_(in_mean[:, None]).div_(in_std[:, None]), T.sub_(out_mean[:, None]).div_(out_std[:, None])
     gen = torch.Generator(device="cpu").manual_seed(seed)
     n_nets, n_rows, d = X.shape
     # Kaiming-uniform-like init from our own generator (nn.Linear would draw from the global RNG).
     W1 = ((torch.rand(hidden, d, generator=gen) * 2 - 1) / d ** 0.5).to(X)
     W2 = ((torch.rand(d, hidden, generator=gen) * 2 - 1) / hidden ** 0.5).to(X)
     # stored transposed ([L, d, H], [L, H, d]) so the batched products need no transposed copies
-    params = [W1.T.expand(n_nets, -1, -1).contiguous().requires_grad_(),
-              torch.zeros(n_nets, 1, hidden, dtype=X.dtype, device=X.device, requires_grad=True),
-              W2.T.expand(n_nets, -1, -1).contiguous().requires_grad_(),
-              torch.zeros(n_nets, 1, d, dtype=X.dtype, device=X.device, requires_grad=True)]
+    params = [W1.T.expand(n_nets, -1, -1).contiguous(), torch.zeros(n_nets, 1, hidden, dtype=X.dtype, device=X.device),
+              W2.T.expand(n_nets, -1, -1).contiguous(), torch.zeros(n_nets, 1, d, dtype=X.dtype, device=X.device)]
+    for p in params:
+        p.grad = torch.zeros_like(p)
     opt = torch.optim.Adam(params, lr=lr, fused=True)   # one pass over the weights per step, not ten
+    # Minibatch rows as one gather from the flattened stack (a dim-1 index_select is ~2x slower).
+    flat_X, flat_T = Xs.reshape(n_nets * n_rows, d), Ts.reshape(n_nets * n_rows, d)
+    offsets = (torch.arange(n_nets, device=X.device) * n_rows)[:, None]
+    n_batch = min(batch_size, n_rows)
+    scale = 2.0 / (n_batch * d)                        # d(mean squared error) / d(output)
     losses = torch.full((n_nets,), float("nan"))
-    with torch.enable_grad():
-        for _ in tqdm(range(steps), desc=f"fit {n_nets} MLP{'s' * (n_nets > 1)}", disable=not progress, unit="step"):
-            batch = torch.randint(0, n_rows, (min(batch_size, n_rows),), generator=gen).to(X.device)
-            h = torch.nn.functional.gelu(torch.baddbmm(params[1], Xs.index_select(1, batch), params[0]))
-            losses = ((torch.baddbmm(params[3], h, params[2]) - Ts.index_select(1, batch)) ** 2).mean(dim=(1, 2))
-            opt.zero_grad()
-            losses.sum().backward()
+    W1, b1, W2, b2 = params
+    with torch.no_grad():
+        # Gradients by hand (five batched products, the rest in place): autograd's elementwise
+        # bookkeeping cost a third of each step. Checked against autograd in the tests.
+        for step in tqdm(range(steps), desc=f"fit {n_nets} MLP{'s' * (n_nets > 1)}", disable=not progress,
+                         unit="step"):
+            batch = torch.randint(0, n_rows, (n_batch,), generator=gen).to(X.device)
+            rows = (offsets + batch).flatten()
+            Xb = flat_X.index_select(0, rows).view(n_nets, n_batch, d)
+            Z = torch.baddbmm(b1, Xb, W1)                                          # [L, B, H]
+            Hh = torch.nn.functional.gelu(Z)
+            G = torch.baddbmm(b2, Hh, W2).sub_(flat_T.index_select(0, rows).view(n_nets, n_batch, d))
+            if step == steps - 1:
+                losses = G.pow(2).mean(dim=(1, 2))
+            G.mul_(scale)
+            torch.bmm(Hh.mT, G, out=W2.grad)
+            torch.sum(G, dim=1, keepdim=True, out=b2.grad)
+            dZ = torch.ops.aten.gelu_backward(torch.bmm(G, W2.mT), Z)
+            torch.bmm(Xb.mT, dZ, out=W1.grad)
+            torch.sum(dZ, dim=1, keepdim=True, out=b1.grad)
             opt.step()
     W1s, b1s, W2s, b2s = (p.detach() for p in params)
     return [MLPMap(W1s[i].T.contiguous(), b1s[i, 0], W2s[i].T.contiguous(), b2s[i, 0], in_mean[i], in_std[i],

@@ -90,9 +90,12 @@ def _kept_caches(model: Backend, test: CollectedStates) -> dict:
 
 
 def _fit_layer_mlps(train: CollectedStates, layers: Sequence[int], steps: int, seed: int, progress: bool,
-                    max_floats: int = 2 ** 25) -> dict[int, MLPMap]:
-    """The global MLP of every layer, trained in batches of layers (each stacked input <= ``max_floats``)."""
-    per_group = max(1, max_floats // max(1, train.pairs(layers[0])[0].numel()))
+                    max_floats: int = 2 ** 26) -> dict[int, MLPMap]:
+    """The global MLP of every layer, trained in batches of layers (each stacked input <= ``max_floats``,
+    256 MiB in float32), the layers shared out evenly between the batches (small batches run slower)."""
+    per_layer = max(1, train.pairs(layers[0])[0].numel())
+    n_groups = -(-len(layers) * per_layer // max_floats)
+    per_group = max(1, -(-len(layers) // n_groups))
     out: dict[int, MLPMap] = {}
     groups = [layers[i:i + per_group] for i in range(0, len(layers), per_group)]
     for group in groups:
