@@ -9,7 +9,8 @@ from toolkit.backends.base import Patch
 from toolkit.backends.incremental import (cache_kwargs, full_cache, full_cache_supported, prefix_caches, repeat_cache,
                                           run_queries)
 from toolkit.collection.pairs import collect_hidden_states
-from toolkit.decompose.interventions import kl_divergence, kl_many, patched_kl, patched_kl_plain
+from toolkit.decompose.interventions import patched_kl, patched_kl_plain
+from toolkit.decompose.kl import kl_divergence, kl_from_normed, kl_many
 from toolkit.models.tiny import TINY_ARCHITECTURES, tiny_hf_model
 
 
@@ -50,6 +51,25 @@ def test_kl_matches_float64_log_softmax(scale):
     expected = (logp.exp() * (logp - logq)).sum(-1)
     torch.testing.assert_close(kl_many(p, q), expected, rtol=1e-4, atol=1e-9)
     torch.testing.assert_close(kl_divergence(p[:, None], q), expected, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("scale", [1e-4, 1e-2, 1.0, 60.0])
+def test_kl_from_hidden_states_matches_float64_log_softmax(scale):
+    g = torch.Generator().manual_seed(4)
+    W, bias = 0.05 * torch.randn(20000, 64, generator=g), torch.randn(20000, generator=g)
+    n_p = 3 * torch.randn(8, 64, generator=g)
+    n_q = n_p[:, None] + scale * 0.3 * torch.randn(8, 3, 64, generator=g)
+    for b in (None, bias):
+        lp, lq = n_p.double() @ W.double().T, n_q.double() @ W.double().T
+        if b is not None:
+            lp, lq = lp + b.double(), lq + b.double()
+        logp, logq = torch.log_softmax(lp, -1)[:, None], torch.log_softmax(lq, -1)
+        expected = (logp.exp() * (logp - logq)).sum(-1)
+        # chunks that do not divide the vocabulary; scale 60 takes the far-row fallback
+        got = kl_from_normed(n_p, n_q, W, b, chunk=3000)
+        torch.testing.assert_close(got, expected, rtol=2e-3 if scale == 1e-4 else 1e-4, atol=1e-12)
+        p = torch.softmax(lp.float(), -1)
+        torch.testing.assert_close(kl_from_normed(n_p, n_q, W, b, p=p, p_weight=p @ W), got, rtol=1e-5, atol=1e-12)
 
 
 @pytest.mark.parametrize("kl_positions", ["next", "later"])
