@@ -118,9 +118,8 @@ def _svd(A: Tensor, full_matrices: bool = True) -> tuple[Tensor, Tensor, Tensor]
 
 
 def _gram_eigh(W: Tensor) -> tuple[Tensor, Tensor]:
-    """``(U, S)`` of a wide ``W [b, m, n]`` (m <= n) from its m x m Gram matrix in float64, descending;
+    """``(U, S)`` of a wide float64 ``W [b, m, n]`` (m <= n) from its m x m Gram matrix, descending;
     singular values under 1e-6 of the largest are returned as zero (see :func:`_thin_svd`)."""
-    W = W.double()
     lam, U = torch.linalg.eigh(W @ W.mT)
     S = lam.flip(-1).clamp_min(0).sqrt()
     return U.flip(-1), S * (S > 1e-6 * S[..., :1])
@@ -144,14 +143,6 @@ def _thin_svd(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     Vh = (U.mT @ W) * (resolved / torch.where(resolved, S, 1))[..., None]
     U, S, Vh = U.to(A.dtype), S.to(A.dtype), Vh.to(A.dtype)
     return (Vh.mT, S, U.mT) if tall else (U, S, Vh)
-
-
-def _left_singular(A: Tensor) -> tuple[Tensor, Tensor]:
-    """``(U, S)`` of the thin SVD of ``A [b, m, n]``, float64: ``Vh`` is not formed where it need not be."""
-    if A.dtype == torch.float64 or A.shape[-2] > A.shape[-1]:
-        U, S, _ = _thin_svd(A)
-        return U.double(), S.double()
-    return _gram_eigh(A)
 
 
 def _default_rcond(dtype: torch.dtype, k: int, d: int) -> float:
@@ -198,15 +189,21 @@ def _fit_lowrank_chunk(Xn, Tn, P, form, rank, keep, rcond):
     # Min-norm LS: A = T^T pinv(X)^T = B Vh with X = U S V^T (thin, q = min(k, d)) and B = T^T U S^+.
     # Everything is applied through k-sized factors, never forming Vh or a d x d map:
     # A h = T^T M v with M = U S^+ and v = Vh h = S^+ U^T (X h).
-    U, S = _left_singular(Xc)                                         # float64, [b, k, q], [b, q]
+    # Float64 throughout: X h and T T^T carry the residual stream's huge coordinates, and their
+    # rounding would be amplified by S^+ (up to 1 / rcond); in float32 that cost ~1% of the residual.
+    Xd, Td = Xc.double(), Tn.double()
+    if Xc.dtype == torch.float64 or Xc.shape[-2] > Xc.shape[-1]:
+        U, S, _ = _thin_svd(Xc)                                       # direct SVD, or the tall case
+        U, S = U.double(), S.double()
+    else:
+        U, S = _gram_eigh(Xd)                                         # [b, k, q], [b, q]
     keep_s = S > rcond * S[:, :1]
     S_inv = torch.where(keep_s, 1 / torch.where(keep_s, S, 1), torch.zeros_like(S))
     M = U * S_inv[:, None, :]                                         # [b, k, q]
-    v = S_inv * (U.mT @ (Xc @ inp.unsqueeze(-1)).double()).squeeze(-1)   # [b, q]
+    v = S_inv * (U.mT @ (Xd @ inp.double().unsqueeze(-1))).squeeze(-1)   # [b, q]
     # B's SVD from its q x q Gram B^T B = M^T (T T^T) M: A = Pm diag(Sig) (E^T Vh), Pm = B E / Sig.
-    # In T's precision: only B's leading directions are used (the top ``keep``, or the top ``rank``).
-    lam, E = torch.linalg.eigh((M.mT @ (Tn @ Tn.mT).double() @ M).to(Tn.dtype))
-    lam, E = lam.flip(-1).double(), E.flip(-1).double()              # descending
+    lam, E = torch.linalg.eigh(M.mT @ (Td @ Td.mT) @ M)
+    lam, E = lam.flip(-1), E.flip(-1)                                 # descending
     Sig = lam.clamp_min(0).sqrt()
     Sig = Sig * (Sig > 1e-6 * Sig[:, :1])                             # unresolved directions count as zero
     q = Sig.shape[1]
@@ -214,15 +211,15 @@ def _fit_lowrank_chunk(Xn, Tn, P, form, rank, keep, rcond):
     if r < q:                                                         # truncated: project v on B's top r
         E_r = E[..., :r]
         v = (E_r @ (E_r.mT @ v.unsqueeze(-1))).squeeze(-1)
-    lin = (Tn.mT @ (M @ v.unsqueeze(-1)).to(Tn.dtype)).squeeze(-1)
+    lin = (Td.mT @ (M @ v.unsqueeze(-1))).squeeze(-1).to(Tn.dtype)
     pred = lin if offset is None else offset + lin
     s = min(keep, r)
     if not s:
         return pred, None, None
     Sig_s = Sig[:, :s]
     scale = torch.where(Sig_s > 0, 1 / torch.where(Sig_s > 0, Sig_s, 1), torch.zeros_like(Sig_s))
-    Pm_s = Tn.mT @ ((M @ E[..., :s]) * scale[:, None, :]).to(Tn.dtype)   # [b, d, s]
-    return pred, Pm_s.mT, Sig_s.to(Tn.dtype)
+    Pm_s = Td.mT @ ((M @ E[..., :s]) * scale[:, None, :])             # [b, d, s]
+    return pred, Pm_s.mT.to(Tn.dtype), Sig_s.to(Tn.dtype)
 
 
 def _fit_orthogonal_chunk(Xn, Yn, P, form, keep, rcond):
