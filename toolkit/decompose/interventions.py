@@ -13,8 +13,12 @@ every variant at every sampled position enters at ``h_b`` as a query against the
 hides later keys) and runs blocks ``b..L-1`` only: one call per boundary and batch of texts. For Mamba (a
 recurrent state cannot hide later positions) and for ``kl_positions="later"`` the prefix
 ``[0, p)`` is processed once per text with a cache copied at each sampled position, and each
-position's interventions run as one batch of steps (see :mod:`toolkit.backends.incremental`). :func:`patched_kl_plain` is the plain reference (one full
-forward per intervention) that tests and benchmarks compare against.
+position's interventions run as one batch of steps (see :mod:`toolkit.backends.incremental`).
+Where the logits are affine in the final-normed state (every supported head but a soft-capped
+one), the KL is taken from the normed states and the unembedding, several boundaries' variants per
+pass over the vocabulary, without forming their logits (:func:`toolkit.decompose.kl.kl_from_normed`).
+:func:`patched_kl_plain` is the plain reference (one full forward per intervention) that tests and
+benchmarks compare against.
 
 Example:
     >>> values = {11: predicted_h11}          # [n_texts * per_text, d_model], rows as in CollectedStates
