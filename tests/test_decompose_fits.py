@@ -310,7 +310,7 @@ def _autograd_mlp_training(X, T, hidden, steps, lr, batch_size, seed):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return W1.detach(), b1.detach(), W2.detach(), b2.detach(), float(loss)
+    return W1.detach(), b1.detach(), W2.detach(), b2.detach(), float(loss.detach())
 
 
 def test_mlp_training_gradients_match_autograd():
