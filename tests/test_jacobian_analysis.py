@@ -159,3 +159,13 @@ def test_residual_readout_is_the_frozen_final_norm_then_unembedding(arch):
     expected = (J @ u) @ W_U
     got = u @ residual_readout(norm, W_U)
     assert torch.nn.functional.cosine_similarity(expected, got, dim=0) > 1 - 1e-5
+
+
+def test_residual_readout_refuses_a_norm_without_a_rule():
+    from toolkit.jacobian.analysis import residual_readout
+
+    class MyNorm(torch.nn.Module):
+        weight = torch.nn.Parameter(torch.ones(4))
+
+    with pytest.raises(ValueError, match="no readout for the final norm .*MyNorm.*register_rule"):
+        residual_readout(MyNorm(), torch.eye(4))

@@ -37,6 +37,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from toolkit.jacobian.freeze_rules import rule_for
 from toolkit.jacobian.result import DetachedJacobian
 
 Decoded = dict[str, Any]  # {"index", "value", "tokens", "token_ids", "scores"}
@@ -190,10 +191,12 @@ def residual_readout(final_norm: torch.nn.Module, W_U: Tensor) -> Tensor:
         >>> torch.allclose(torch.ones(3) @ R, torch.zeros(3), atol=1e-7)   # a constant direction is centred away
         True
     """
-    weight = getattr(final_norm, "weight", None)
+    rule = rule_for(final_norm)                        # the freeze's own table knows each norm's gain
+    if rule is None or rule.gain is None:
+        raise ValueError(f"no readout for the final norm {type(final_norm).__qualname__}: register it with "
+                         f"toolkit.jacobian.freeze_rules.register_rule(..., kind='norm', gain=...).")
+    weight = rule.gain(final_norm)
     gain = torch.ones(W_U.shape[0]) if weight is None else weight.detach().float().cpu()
-    if type(final_norm).__name__.startswith("Gemma"):  # Gemma's RMSNorm multiplies by (1 + w)
-        gain = 1.0 + gain
     readout = gain[:, None] * W_U.detach().float().cpu()
     if isinstance(final_norm, torch.nn.LayerNorm):  # centring: u -> u - mean(u), i.e. C = I - 11^T/d
         readout = readout - readout.mean(0, keepdim=True)

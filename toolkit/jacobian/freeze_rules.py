@@ -65,11 +65,16 @@ class FreezeError(RuntimeError):
 
 @dataclass(frozen=True)
 class Rule:
-    """How one module kind is frozen: ``install(module, path, store) -> undo callables``."""
+    """How one module kind is frozen: ``install(module, path, store) -> undo callables``.
+
+    Norms also give their ``gain``: the per-dimension factor of their frozen linear part (``w``,
+    Gemma's ``1 + w``), which :func:`toolkit.jacobian.analysis.residual_readout` folds into the unembedding.
+    """
 
     kind: str
     install: Install | None  # None: the module is linear once its children are frozen
     note: str
+    gain: Callable[[nn.Module], Tensor | None] | None = None
 
 
 def swap_forward(module: nn.Module, new_forward: Callable) -> Undo:
@@ -313,14 +318,18 @@ def _install_mamba_mixer(m: nn.Module, path: str, store: FactorStore) -> list[Un
 def _rules() -> dict[type, Rule]:
     table: dict[type, Rule] = {}
 
-    def add(classes, kind: str, install: Install | None, note: str) -> None:
+    def add(classes, kind: str, install: Install | None, note: str, gain=None) -> None:
         for cls in classes:
-            table[cls] = Rule(kind, install, note)
+            table[cls] = Rule(kind, install, note, gain)
+
+    def weight(m: nn.Module) -> Tensor | None:
+        return m.weight
 
     add([llama.LlamaRMSNorm, qwen3.Qwen3RMSNorm, mamba.MambaRMSNorm], "norm", _install_rmsnorm,
-        "w * x * [rsqrt(mean(x^2)+eps)]")
-    add([gemma3.Gemma3RMSNorm], "norm", _install_gemma_rmsnorm, "(1+w) * x * [rsqrt(mean(x^2)+eps)]")
-    add([nn.LayerNorm], "norm", _install_layernorm, "(x-mean) * [rsqrt(var+eps)] * w + b")
+        "w * x * [rsqrt(mean(x^2)+eps)]", weight)
+    add([gemma3.Gemma3RMSNorm], "norm", _install_gemma_rmsnorm, "(1+w) * x * [rsqrt(mean(x^2)+eps)]",
+        lambda m: 1.0 + m.weight)
+    add([nn.LayerNorm], "norm", _install_layernorm, "(x-mean) * [rsqrt(var+eps)] * w + b", weight)
     add(list(ACTIVATION_GATES), "activation", _install_activation, "x * [act(x)/x]")
     add([llama.LlamaMLP, qwen3.Qwen3MLP, gemma3.Gemma3MLP], "gated_mlp", _install_gated_mlp,
         "down([act(gate(x))] * up(x))")
@@ -360,10 +369,11 @@ def rule_for(module: nn.Module) -> Rule | None:
     return RULES.get(type(module))
 
 
-def register_rule(cls: type, kind: str, install: Install | None, note: str = "") -> None:
-    """Add (or replace) the rule for ``cls``; ``install=None`` declares it linear.
+def register_rule(cls: type, kind: str, install: Install | None, note: str = "",
+                  gain: Callable[[nn.Module], Tensor | None] | None = None) -> None:
+    """Add (or replace) the rule for ``cls``; ``install=None`` declares it linear; norms give their ``gain``.
 
     Example:
         >>> register_rule(nn.Identity, "linear", None, "identity")
     """
-    RULES[cls] = Rule(kind, install, note)
+    RULES[cls] = Rule(kind, install, note, gain)
