@@ -161,6 +161,25 @@ def test_residual_readout_is_the_frozen_final_norm_then_unembedding(arch):
     assert torch.nn.functional.cosine_similarity(expected, got, dim=0) > 1 - 1e-5
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "gemma3"])
+def test_residual_readout_sees_through_the_transformer_lens_bridge(arch, smollm2_tokenizer):
+    # TransformerBridge wraps the final norm in place; the readout must still be the HF norm's
+    # (Gemma's 1 + w, GPT-2's centring), whichever backend hands it over.
+    from toolkit.backends import make_backend
+    from toolkit.jacobian.analysis import residual_readout
+    from toolkit.models.architectures import spec_for
+    from toolkit.models.tiny import tiny_hf_model
+
+    hf = tiny_hf_model(arch, vocab_size=smollm2_tokenizer.vocab_size)
+    with torch.no_grad():
+        for p in spec_for(hf).final_norm(hf).parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    expected = residual_readout(spec_for(hf).final_norm(hf), hf.get_output_embeddings().weight.T)
+    tl_model = make_backend(hf, smollm2_tokenizer, backend="tl")
+    assert type(tl_model.final_norm).__module__.startswith("transformer_lens")      # it is the bridge
+    torch.testing.assert_close(residual_readout(tl_model.final_norm, tl_model.W_U), expected)
+
+
 def test_residual_readout_refuses_a_norm_without_a_rule():
     from toolkit.jacobian.analysis import residual_readout
 

@@ -191,6 +191,9 @@ def residual_readout(final_norm: torch.nn.Module, W_U: Tensor) -> Tensor:
         >>> torch.allclose(torch.ones(3) @ R, torch.zeros(3), atol=1e-7)   # a constant direction is centred away
         True
     """
+    original = getattr(final_norm, "original_component", None)   # TransformerLens wraps the HF norm
+    if isinstance(original, torch.nn.Module):
+        final_norm = original
     rule = rule_for(final_norm)                        # the freeze's own table knows each norm's gain
     if rule is None or rule.gain is None:
         raise ValueError(f"no readout for the final norm {type(final_norm).__qualname__}: register it with "
