@@ -117,10 +117,11 @@ def _svd(A: Tensor, full_matrices: bool = True) -> tuple[Tensor, Tensor, Tensor]
     return U.to(A.dtype), S.to(A.dtype), Vh.to(A.dtype)
 
 
-def _gram_eigh(W: Tensor) -> tuple[Tensor, Tensor]:
-    """``(U, S)`` of a wide float64 ``W [b, m, n]`` (m <= n) from its m x m Gram matrix, descending;
-    singular values under 1e-6 of the largest are returned as zero (see :func:`_thin_svd`)."""
-    lam, U = torch.linalg.eigh(W @ W.mT)
+def _gram_eigh(G: Tensor) -> tuple[Tensor, Tensor]:
+    """``(U, S)`` of any ``W`` from its Gram matrix ``G = W W^T`` (float64), descending: ``U`` the
+    eigenvectors, ``S`` the square roots of the eigenvalues, those under 1e-6 of the largest returned
+    as zero (see :func:`_thin_svd`)."""
+    lam, U = torch.linalg.eigh(G)
     S = lam.flip(-1).clamp_min(0).sqrt()
     return U.flip(-1), S * (S > 1e-6 * S[..., :1])
 
@@ -138,7 +139,7 @@ def _thin_svd(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return _svd(A, full_matrices=False)
     tall = A.shape[-2] > A.shape[-1]
     W = (A.mT if tall else A).double()                                     # wide: [b, m, n], m <= n
-    U, S = _gram_eigh(W)
+    U, S = _gram_eigh(W @ W.mT)
     resolved = S > 0
     Vh = (U.mT @ W) * (resolved / torch.where(resolved, S, 1))[..., None]
     U, S, Vh = U.to(A.dtype), S.to(A.dtype), Vh.to(A.dtype)
@@ -196,16 +197,13 @@ def _fit_lowrank_chunk(Xn, Tn, P, form, rank, keep, rcond):
         U, S, _ = _thin_svd(Xc)                                       # direct SVD, or the tall case
         U, S = U.double(), S.double()
     else:
-        U, S = _gram_eigh(Xd)                                         # [b, k, q], [b, q]
+        U, S = _gram_eigh(Xd @ Xd.mT)                                 # [b, k, q], [b, q]
     keep_s = S > rcond * S[:, :1]
     S_inv = torch.where(keep_s, 1 / torch.where(keep_s, S, 1), torch.zeros_like(S))
     M = U * S_inv[:, None, :]                                         # [b, k, q]
     v = S_inv * (U.mT @ (Xd @ inp.double().unsqueeze(-1))).squeeze(-1)   # [b, q]
     # B's SVD from its q x q Gram B^T B = M^T (T T^T) M: A = Pm diag(Sig) (E^T Vh), Pm = B E / Sig.
-    lam, E = torch.linalg.eigh(M.mT @ (Td @ Td.mT) @ M)
-    lam, E = lam.flip(-1), E.flip(-1)                                 # descending
-    Sig = lam.clamp_min(0).sqrt()
-    Sig = Sig * (Sig > 1e-6 * Sig[:, :1])                             # unresolved directions count as zero
+    E, Sig = _gram_eigh(M.mT @ (Td @ Td.mT) @ M)
     q = Sig.shape[1]
     r = q if rank is None else min(rank, q)                           # rank >= k truncates nothing
     if r < q:                                                         # truncated: project v on B's top r
