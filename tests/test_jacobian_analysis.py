@@ -10,7 +10,9 @@ import torch
 
 from toolkit.jacobian.analysis import (align_signs, analyze_jacobian, analyze_with_model, stable_rank,
                                        svd_per_position)
-from toolkit.jacobian.cli_command import add_jacobian_parser, format_summary, parse_target
+from toolkit.cli.jacobian import add_parser as add_jacobian_parser
+from toolkit.cli.jacobian import parse_target
+from toolkit.jacobian.report import format_summary
 from toolkit.jacobian.result import DetachedJacobian
 from toolkit.jacobian.through_backend import backend_jacobian
 from toolkit.plots.jacobian import decoded_tokens_table, reconstruction_scatter, singular_spectra
@@ -130,7 +132,7 @@ def test_parse_target_errors():
 
 def test_jacobian_command_on_a_component(smollm2_nnsight, tmp_path):
     """A component target (one block's MLP output) runs on the HF model under the same freeze."""
-    from toolkit.jacobian.cli_command import run_jacobian
+    from toolkit.jacobian.run import run_jacobian
     summary = run_jacobian(smollm2_nnsight, "Hi there", target="mlp.3", top_k=2, n_vectors=1, out=tmp_path)
     assert summary["target"] == "mlp.3"
     assert summary["detached"]["reconstruction_error"] < 1e-5 < summary["ordinary"]["reconstruction_error"]

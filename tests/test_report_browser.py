@@ -208,7 +208,7 @@ def decomposition_report(hostile_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def jacobian_report(hostile_model, tmp_path_factory):
-    from toolkit.jacobian.cli_command import run_jacobian
+    from toolkit.jacobian.run import run_jacobian
     out = tmp_path_factory.mktemp("jacobian")
     prompt = f"The bridge {PAYLOADS[0]} out of {PAYLOADS[1]} Marin {PAYLOADS[2]} is the"
     summary = run_jacobian(hostile_model, prompt=prompt, top_k=5, n_vectors=3, out=out)

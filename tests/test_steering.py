@@ -11,7 +11,9 @@ import torch
 
 from toolkit.backends import make_backend
 from toolkit.jacobian.compute import detached_jacobian, input_embeddings
-from toolkit.jacobian.steer_command import add_steer_parser, format_summary, parse_floats, parse_ints
+from toolkit.cli.steer import add_parser as add_steer_parser
+from toolkit.cli.steer import parse_floats, parse_ints
+from toolkit.jacobian.steering_report import format_summary
 from toolkit.jacobian.steering import ConceptOperator, steer, steering_sweep
 from toolkit.jacobian.steering_result import SteeringResult, SteeringRun
 from toolkit.models.tiny import tiny_hf_model

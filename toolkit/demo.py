@@ -17,11 +17,17 @@ from pathlib import Path
 
 def run_demo(out: Path, model_name: str = "smollm2-135m", backend: str | None = None, n_train: int = 48,
              n_test: int = 12, progress: bool = True) -> dict:
-    import toolkit
-    from toolkit.decompose.pipeline import decompose
-    from toolkit.decompose.report import format_table, summary_rows, write_decomposition_report
-    from toolkit.jacobian.cli_command import DEFAULT_PROMPT, run_jacobian
+    """Run both analyses at a small scale into ``out``; returns the summary printed by ``make demo``.
 
+    Example:
+        >>> summary = run_demo(Path("runs/demo"))                            # doctest: +SKIP
+    """
+    import toolkit
+    from toolkit.decompose.pipeline import check_decompose_settings, decompose
+    from toolkit.decompose.report import format_table, summary_rows, write_decomposition_report
+    from toolkit.jacobian.run import DEFAULT_PROMPT, run_jacobian
+
+    check_decompose_settings(n_train=n_train, n_test=n_test)  # before the model loads
     t0 = time.perf_counter()
     model = toolkit.load_model(model_name, backend=backend)
     result = decompose(model, "embedded", n_train=n_train, n_test=n_test, mlp_steps=100, progress=progress)

@@ -15,8 +15,27 @@ from __future__ import annotations
 from typing import Sequence
 
 from toolkit.backends.base import Backend
+from toolkit.checks import block_indices, positive_int
 from toolkit.collection.pairs import CollectedStates, collect_hidden_states
 from toolkit.data import Corpus, chunk_corpus, load_corpus, sample_positions, split_texts
+
+
+def check_collection_settings(*, n_train: int, n_test: int, seq_len: int, per_text: int, batch_size: int,
+                              layers: Sequence[int] | None = None) -> None:
+    """Refuse bad collection settings before any work (the CLI calls this before loading a model).
+
+    Example:
+        >>> check_collection_settings(n_train=10, n_test=0, seq_len=32, per_text=4, batch_size=8)
+        Traceback (most recent call last):
+        ...
+        ValueError: n_test (--n-test) must be a positive integer (test texts), got 0; use 1 or more.
+    """
+    positive_int("n_train", n_train, "training texts")
+    positive_int("n_test", n_test, "test texts")
+    positive_int("seq_len", seq_len, "tokens per text")
+    positive_int("per_text", per_text, "sampled positions per text")
+    positive_int("batch_size", batch_size, "texts per forward pass")
+    block_indices(layers)
 
 
 def collect_from_corpus(model: Backend, corpus: str | Corpus = "embedded", *, n_train: int = 2000,
@@ -27,6 +46,8 @@ def collect_from_corpus(model: Backend, corpus: str | Corpus = "embedded", *, n_
 
     ``keep_test_kv_cache``: keep the test texts' attention caches (see :func:`collect_hidden_states`).
     """
+    check_collection_settings(n_train=n_train, n_test=n_test, seq_len=seq_len, per_text=per_text,
+                              batch_size=batch_size, layers=layers)
     corpus = load_corpus(corpus) if isinstance(corpus, str) else corpus
     # All texts, so the seeded split draws from the whole corpus rather than its first documents.
     texts = chunk_corpus(corpus, model.tokenizer, seq_len=seq_len, n_ctx=model.n_ctx)

@@ -27,6 +27,7 @@ Example:
 """
 from __future__ import annotations
 
+import codecs
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -222,13 +223,33 @@ def _split_blank_lines(text: str) -> list[str]:
     return [b.strip() for b in blocks if b.strip()]
 
 
+def _decode_text(path: Path, encoding: str) -> str:
+    """The file's text, or a ``ValueError`` naming the file, what is wrong and the fix."""
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise ValueError(f"unknown text encoding {encoding!r} (--encoding) for {path}; use e.g. utf-8, "
+                         f"latin-1 or cp1252.") from None
+    data = path.read_bytes()
+    if b"\0" in data:
+        raise ValueError(f"{path} looks like a binary file (it holds NUL bytes at offset {data.index(0)}), not a "
+                         f"text corpus; give a plain text file (documents separated by blank lines).")
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not valid {encoding} text (byte {data[err.start]:#04x} at offset "
+                         f"{err.start}); give its encoding, e.g. --encoding latin-1 (Python: "
+                         f"load_corpus(path, encoding='latin-1')), or convert the file to UTF-8.") from None
+
+
 def text_file_corpus(
     path: str | Path,
     sha256: str | None = None,
     split: Literal["auto", "wikitext", "blank-lines", "whole"] = "auto",
     name: str | None = None,
+    encoding: str = "utf-8",
 ) -> Corpus:
-    """Read a UTF-8 text file as a corpus, optionally checking its SHA-256 first.
+    """Read a text file (UTF-8 unless ``encoding`` says otherwise) as a corpus, optionally checking its SHA-256 first.
 
     Splitting rule (``split="auto"``): if any line is a WikiText level-1 heading
     (`` = Title = ``), split into articles as :func:`split_wikitext_articles` does;
@@ -242,6 +263,8 @@ def text_file_corpus(
         sha256: expected hex digest of the file's bytes; a mismatch raises ``ValueError``.
         split: ``"auto"``, ``"wikitext"``, ``"blank-lines"`` or ``"whole"``.
         name: corpus name (default: the file name).
+        encoding: the file's text encoding, e.g. ``"latin-1"``; a file that does not decode, or
+            holds NUL bytes (binary), is refused with its name and the fix.
 
     Example:
         >>> c = text_file_corpus("../shared/data/wikitext-2-raw/wiki.test.raw")   # doctest: +SKIP
@@ -256,7 +279,7 @@ def text_file_corpus(
         if actual.lower() != sha256.lower():
             raise ValueError(f"SHA-256 mismatch for {path}: expected {sha256.lower()}, got {actual}; "
                              f"the file is not the expected version (corrupt, truncated or re-encoded).")
-    text = path.read_bytes().decode("utf-8")
+    text = _decode_text(path, encoding)
     if split == "auto":
         split = "wikitext" if any(_wikitext_title(l) is not None for l in text.splitlines()) else "blank-lines"
     titles: list[str] = []
@@ -337,13 +360,14 @@ def hub_wikitext103_validation() -> Corpus:
 
 # ----- one entry point -------------------------------------------------------------------------
 
-def load_corpus(spec: str | Path = "embedded") -> Corpus:
+def load_corpus(spec: str | Path = "embedded", encoding: str = "utf-8") -> Corpus:
     """Load a corpus from a short spec: a name in :data:`CORPUS_NAMES` or a text file path.
 
     * ``"embedded"`` -- :func:`embedded_corpus` (offline, always there; the default)
     * ``"wikitext-test"`` -- :func:`wikitext_test_corpus` (shared file, hash-checked)
     * ``"wikitext103-validation"`` -- :func:`hub_wikitext103_validation` (needs the hub)
-    * anything else -- a path to an existing text file, read by :func:`text_file_corpus`
+    * anything else -- a path to an existing text file, read by :func:`text_file_corpus` in
+      ``encoding`` (UTF-8 by default; the named corpora have their own)
 
     Example:
         >>> load_corpus().name
@@ -355,6 +379,6 @@ def load_corpus(spec: str | Path = "embedded") -> Corpus:
         return loader()
     path = Path(spec)
     if path.is_file():
-        return text_file_corpus(path)
+        return text_file_corpus(path, encoding=encoding)
     raise ValueError(f"unknown corpus {str(spec)!r}: choose one of {', '.join(CORPUS_NAMES)}, "
                      f"or give the path of an existing text file (none at {path.resolve()}).")

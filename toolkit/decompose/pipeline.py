@@ -23,7 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from toolkit.backends.base import Backend
-from toolkit.collection.from_corpus import collect_from_corpus
+from toolkit.checks import positive_int
+from toolkit.collection.from_corpus import check_collection_settings, collect_from_corpus
 from toolkit.collection.pairs import CollectedStates, kv_cache_bytes
 from toolkit.data import Corpus
 from toolkit.decompose.function_classes import FORMS, FUNCTION_CLASSES, MLPMap, fit_mlps, fit_tokenwise
@@ -61,14 +62,43 @@ def _token_columns(model: Backend, states: CollectedStates, context: int = 8) ->
             "token": np.array(tok, dtype=str), "context": np.array(ctx, dtype=str)}
 
 
-def _check_settings(model: Backend, function_class: str, form: str, k: int, rank: int | None, n_train_rows: int):
+def check_decompose_settings(*, function_class: str = "lowrank", form: str = "update", k: int = 64,
+                             rank: int | None = 64, n_train: int = 2000, n_test: int = 500, seq_len: int = 192,
+                             per_text: int = 8, batch_size: int = 8, layers: Sequence[int] | None = None,
+                             sweep_k: Sequence[int] = (), sweep_rank: Sequence[int] = ()) -> None:
+    """Refuse bad :func:`decompose` settings that need no model, before any work (the CLI calls this
+    before loading the model; :func:`decompose` calls it first thing).
+
+    Example:
+        >>> check_decompose_settings(batch_size=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: batch_size (--batch-size) must be a positive integer (texts per forward pass), got 0; use 1 or more.
+    """
+    check_collection_settings(n_train=n_train, n_test=n_test, seq_len=seq_len, per_text=per_text,
+                              batch_size=batch_size, layers=layers)
     if function_class not in FUNCTION_CLASSES:
         raise ValueError(f"unknown function class {function_class!r}; choose one of {', '.join(FUNCTION_CLASSES)}.")
     if form not in FORMS:
         raise ValueError(f"unknown form {form!r}; choose one of {', '.join(FORMS)}.")
+    positive_int("k", k, "nearest neighbours per anchor")
+    if rank is not None:
+        positive_int("rank", rank, "rank of the local map")
+    for value in sweep_k:
+        positive_int("sweep_k", value, "k values of the sweep")
+    for value in sweep_rank:
+        positive_int("sweep_rank", value, "ranks of the sweep")
+    for kk in (k, *sweep_k):
+        _check_k(kk, n_train * per_text)
+
+
+def _check_k(k: int, n_train_rows: int) -> None:
     if k > n_train_rows:
         raise ValueError(f"k={k} is larger than the training set ({n_train_rows} anchors = n_train x per_text); "
                          f"lower k or collect more training texts.")
+
+
+def _check_rank(model: Backend, rank: int | None) -> None:
     if rank is not None and not 1 <= rank <= model.d_model:
         raise ValueError(f"rank={rank} must be between 1 and the model width {model.d_model}.")
 
@@ -122,6 +152,9 @@ def decompose(model: Backend, corpus: str | Corpus = "embedded", *, layers: Sequ
         sweep_layer, sweep_k, sweep_rank: Figure 5's sweeps at one layer (default: the middle one).
         use_cache: reuse (and write) the on-disk cache of collected states.
     """
+    check_decompose_settings(function_class=function_class, form=form, k=k, rank=rank, n_train=n_train,
+                             n_test=n_test, seq_len=seq_len, per_text=per_text, batch_size=batch_size,
+                             layers=layers, sweep_k=sweep_k, sweep_rank=sweep_rank)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     layers = list(range(model.n_layers)) if layers is None else list(layers)
@@ -129,7 +162,8 @@ def decompose(model: Backend, corpus: str | Corpus = "embedded", *, layers: Sequ
         if not isinstance(l, int) or not 0 <= l < model.n_layers:
             raise ValueError(f"layer {l!r} is out of range: {model.info.model_id} has {model.n_layers} blocks, "
                              f"numbered 0..{model.n_layers - 1}.")
-    _check_settings(model, function_class, form, k, rank, n_train * per_text)
+    for rr in (rank, *sweep_rank):
+        _check_rank(model, rr)
     sweep_layer = layers[len(layers) // 2] if sweep_layer is None else sweep_layer
     need = sorted(set(layers) | ({sweep_layer} if (sweep_k or sweep_rank) else set()))
     # The test texts' attention caches serve the interventions when they fit in memory (1 GiB).
@@ -198,7 +232,8 @@ def run_sweeps(model: Backend, train: CollectedStates, test: CollectedStates, la
     variants = [("k", kk, kk, rank) for kk in ks] + [("rank", r, k, r) for r in ranks]
     values, errors = {}, {}
     for name, v, kk, rr in variants:
-        _check_settings(model, function_class, form, kk, rr, train.positions.numel())
+        _check_k(kk, train.positions.numel())
+        _check_rank(model, rr)
         fit, geom, _, _ = fit_layer(train, test, layer, function_class, form, kk, rr)
         values[(name, v, layer + 1)] = fit.predictions
         errors[(name, v)] = geom.rel_err.numpy()

@@ -24,6 +24,17 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_summary(result) -> str:
+    """The terminal summary: the per-layer table, the pooled rho with its interval, the timings.
+
+    Example:
+        >>> print(format_summary(result))                                   # doctest: +SKIP
+    """
+    pooled = result.model_summary["rho_pooled"]
+    return (f"{format_table(summary_rows(result))}\npooled rho {pooled['rho']:.3f} "
+            f"[{pooled['ci_low']:.3f}, {pooled['ci_high']:.3f}]; timings {result.settings['timings']}")
+
+
 def _interval(ci) -> str:
     return "" if ci is None else f" [{ci[0]:.3f}, {ci[1]:.3f}]"
 

@@ -8,10 +8,11 @@
 * :mod:`~toolkit.jacobian.bridge_rules` — TransformerBridge components made transparent while frozen;
 * :mod:`~toolkit.jacobian.through_backend` — ``backend_jacobian``: the same Jacobian via nnsight / TransformerLens;
 * :mod:`~toolkit.jacobian.analysis` — SVD per position, decoding to tokens, stable rank (``JacobianSVD``);
-* :mod:`~toolkit.jacobian.cli_command` — the ``jacobian`` command (``add_jacobian_parser``);
+* :mod:`~toolkit.jacobian.run` — ``run_jacobian``: one prompt end to end (both Jacobians, SVD, files),
+  its report and terminal text in :mod:`~toolkit.jacobian.report`;
 * :mod:`~toolkit.jacobian.steering` — ``steer`` / ``steering_sweep``: steering with a concept prompt's
-  detached Jacobian (eq. 16), results in :mod:`~toolkit.jacobian.steering_result`;
-* :mod:`~toolkit.jacobian.steer_command` — the ``steer`` command (``add_steer_parser``).
+  detached Jacobian (eq. 16), results in :mod:`~toolkit.jacobian.steering_result`
+  (``SteeringResult.report``: :mod:`~toolkit.jacobian.steering_report`);
 * :mod:`~toolkit.jacobian.targets` — what a Jacobian is of: ``"output"``, boundaries, ``"attn.l"``, ``"mlp.l"``,
   ``"layer.l"`` (one block's own transform ``h_l -> h_{l+1}``);
 * :mod:`~toolkit.jacobian.operator` — the frozen Jacobian as a matrix-free operator (batched JVPs / VJPs);

@@ -37,6 +37,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from toolkit.checks import positive_int
 from toolkit.jacobian.freeze_rules import rule_for
 from toolkit.jacobian.result import DetachedJacobian
 
@@ -206,6 +207,19 @@ def residual_readout(final_norm: torch.nn.Module, W_U: Tensor) -> Tensor:
     return readout
 
 
+def check_analysis_settings(*, top_k: int = 5, n_vectors: int = 3) -> None:
+    """Refuse a bad ``top_k`` / ``n_vectors`` before any Jacobian is computed.
+
+    Example:
+        >>> check_analysis_settings(top_k=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: top_k (--top-k) must be a positive integer (decoded tokens per singular vector), got 0; use 1 or more.
+    """
+    positive_int("top_k", top_k, "decoded tokens per singular vector")
+    positive_int("n_vectors", n_vectors, "singular vectors decoded per position")
+
+
 def analyze_jacobian(result: DetachedJacobian, W_U: Tensor, W_E: Tensor, decode: Callable[[int], str], *,
                      top_k: int = 5, n_vectors: int = 3, n_rows: int = 3,
                      str_tokens: Sequence[str] | None = None) -> JacobianSVD:
@@ -221,6 +235,7 @@ def analyze_jacobian(result: DetachedJacobian, W_U: Tensor, W_E: Tensor, decode:
     Example:
         >>> a = analyze_jacobian(result, model.W_U, model.W_E, lambda i: model.to_str_tokens([i])[0])  # doctest: +SKIP
     """
+    check_analysis_settings(top_k=top_k, n_vectors=n_vectors)
     J = result.jacobian.detach().cpu()
     W_U = W_U.detach().cpu().float()
     E = torch.nn.functional.normalize(W_E.detach().cpu().float(), dim=-1)  # once, not per call

@@ -222,7 +222,19 @@ def greedy_continuation(model: Backend, prompt_ids: Tensor, max_new_tokens: int,
 
 
 # ----- the public API -------------------------------------------------------------------------
-def steer(model, concept_prompt: TextOrIds, prompt: TextOrIds, layer: int, lam: float, max_new_tokens: int = 20,
+def default_steering_layer(n_layers: int) -> int:
+    """The default boundary to steer at: about two thirds of the depth, as in the paper
+    (Llama 3.1 8B: 22 of 32; Qwen 3 8B: 24 of 36).
+
+    Example:
+        >>> default_steering_layer(30)
+        20
+    """
+    return max(1, min(n_layers, round(2 * n_layers / 3)))
+
+
+def steer(model, concept_prompt: TextOrIds, prompt: TextOrIds, layer: int | None = None, lam: float = 1.0,
+          max_new_tokens: int = 20,
           *, operator: Operator = "sum", concept_position: int = -1, concept_tokens: Sequence[int | str] | None = None,
           use_cache: bool = True) -> SteeringResult:
     """Continue ``prompt`` greedily with and without the concept's detached-Jacobian edit (eq. 16).
@@ -235,7 +247,7 @@ def steer(model, concept_prompt: TextOrIds, prompt: TextOrIds, layer: int, lam: 
             concept prompt predicts, so a prompt whose next token *is* the concept works best).
         prompt: the new text to continue.
         layer: boundary ``1..n_layers``: the edit is added to ``h_l``, the input of block ``l``
-            (the paper uses about two thirds of the depth).
+            (default :func:`default_steering_layer`: about two thirds of the depth, as in the paper).
         lam: the weight λ (finite; 0 reproduces plain greedy decoding exactly).
         max_new_tokens: tokens to generate (both continuations).
         operator: ``"sum"``, ``"last"`` or ``"window"`` (module docstring).
@@ -259,14 +271,17 @@ def steer(model, concept_prompt: TextOrIds, prompt: TextOrIds, layer: int, lam: 
     """
     if isinstance(layer, (list, tuple)) or isinstance(lam, (list, tuple)):
         raise ValueError("steer takes one layer and one lam; use steering_sweep for lists.")
-    return steering_sweep(model, concept_prompt, prompt, [layer], [lam], max_new_tokens, operator=operator,
+    return steering_sweep(model, concept_prompt, prompt, None if layer is None else [layer], [lam], max_new_tokens,
+                          operator=operator,
                           concept_position=concept_position, concept_tokens=concept_tokens, use_cache=use_cache)
 
 
-def steering_sweep(model, concept_prompt: TextOrIds, prompt: TextOrIds, layers: Sequence[int], lams: Sequence[float],
-                   max_new_tokens: int = 20, *, operator: Operator = "sum", concept_position: int = -1,
+def steering_sweep(model, concept_prompt: TextOrIds, prompt: TextOrIds, layers: Sequence[int] | None = None,
+                   lams: Sequence[float] = (1.0,), max_new_tokens: int = 20, *, operator: Operator = "sum", concept_position: int = -1,
                    concept_tokens: Sequence[int | str] | None = None, use_cache: bool = True) -> SteeringResult:
     """:func:`steer` over every ``(layer, lam)``: one baseline, one concept operator per layer.
+
+    ``layers=None``: the one default boundary (:func:`default_steering_layer`).
 
     Example:
         >>> import torch
@@ -285,7 +300,7 @@ def steering_sweep(model, concept_prompt: TextOrIds, prompt: TextOrIds, layers: 
         raise ValueError("the model is in training mode (dropout active); call hf_model.eval() first.")
     if operator not in OPERATORS:
         raise ValueError(f"unknown operator {operator!r}; choose one of {', '.join(OPERATORS)}.")
-    layers = _check_layers(model, layers)
+    layers = _check_layers(model, [default_steering_layer(model.n_layers)] if layers is None else layers)
     lams = _check_lams(lams)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
@@ -343,7 +358,7 @@ def _check_layers(model: Backend, layers: Sequence[int]) -> list[int]:
             raise ValueError(f"layer {layer!r} is not a boundary 1..{model.n_layers} of {model.info.model_id}: the "
                              f"edit is added to h_l, the input of block l (boundary 0 is the embeddings, where the "
                              f"Jacobian is the identity). The paper steers at about two thirds of the depth, "
-                             f"e.g. {max(1, round(2 * model.n_layers / 3))}.")
+                             f"e.g. {default_steering_layer(model.n_layers)}.")
     return [int(l) for l in layers]
 
 

@@ -152,6 +152,15 @@ class SteeringResult:
         from toolkit.plots.jacobian import steering_comparison
         return steering_comparison(self)
 
+    def report(self, path: str | Path) -> Path:
+        """Write the self-contained HTML report (:func:`toolkit.jacobian.steering_report.write_steering_report`).
+
+        Example:
+            >>> result.report("runs/steer/report.html")               # doctest: +SKIP
+        """
+        from toolkit.jacobian.steering_report import write_steering_report
+        return write_steering_report(self, path)
+
     # ----- persistence ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict, with ``kind`` and ``version``."""

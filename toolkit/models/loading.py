@@ -32,7 +32,39 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def resolve_device(device: str | torch.device | None) -> str:
+    """``device`` checked against this torch build (default ``cuda`` when available, else ``cpu``).
+
+    Example:
+        >>> resolve_device("cpu")
+        'cpu'
+    """
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r} (--device); use cpu or cuda (cuda:0, cuda:1, ...).") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        why = (f"this torch ({torch.__version__}) was built without CUDA" if torch.version.cuda is None
+               else "torch sees no CUDA GPU on this machine")
+        raise ValueError(f"device {str(device)!r} (--device) is not available: {why}. Use --device cpu "
+                         f"(Python: device='cpu'), or install a CUDA build of torch on a machine with a GPU.")
+    return str(device)
+
+
+def _check_model_folder(folder: Path) -> None:
+    """A folder must hold a saved model (``config.json``); say so before transformers tries its tokenizers."""
+    if not (folder / "config.json").is_file():
+        found = sorted(p.name for p in folder.iterdir())[:8]
+        raise ValueError(f"{folder} is not a model folder: it has no config.json (it holds "
+                         f"{', '.join(found) if found else 'nothing'}). Give a folder written by "
+                         f"save_pretrained (config.json, weights, tokenizer files), a registry name "
+                         f"(python -m toolkit models lists them) or a hub id (org/name).")
+
+
 def _from_folder(folder: Path, dtype: torch.dtype, device: str):
+    _check_model_folder(folder)
     return _from_folder_or_hub(str(folder), dtype, device, local_only=True)
 
 
@@ -85,7 +117,7 @@ def load_model(name_or_path=DEFAULT_MODEL, backend: str | None = None, dtype: st
     if not isinstance(name_or_path, (str, Path)):
         return make_backend(name_or_path, backend=backend)
     torch_dtype = resolve_dtype(dtype)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     name = str(name_or_path)
     entry = find_entry(name)
     if Path(name).expanduser().is_dir():
