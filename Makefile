@@ -8,9 +8,25 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test bench clean-cache
+CHROMIUM ?= /usr/bin/chromium
+
+.PHONY: setup browser demo test bench clean-cache
 
 setup: $(STAMP)
+
+# tests/test_report_browser.py opens the HTML reports in the system's headless Chromium (driven by
+# Playwright, which never downloads a browser of its own). Installed here as root; otherwise one
+# line says how, before any test runs.
+browser:
+	@if [ ! -x "$(CHROMIUM)" ]; then \
+	  if [ "$$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Chromium for the report test: apt-get install -y chromium"; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	  else \
+	    echo "make test needs Chromium at $(CHROMIUM) for tests/test_report_browser.py: run 'sudo apt-get install -y chromium' (or set CHROMIUM=/path/to/chromium), then make test again." >&2; \
+	    exit 1; \
+	  fi; \
+	fi
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,8 +42,8 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(PY) -m toolkit demo --out runs/demo
 
-test: setup
-	$(PY) -m pytest -q
+test: setup browser
+	CHROMIUM=$(CHROMIUM) $(PY) -m pytest -q
 
 bench: setup
 	$(PY) -m benchmarks.run --out benchmarks/results

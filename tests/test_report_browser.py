@@ -2,7 +2,7 @@
 
 For a decomposition report and a Jacobian report, each opened from a ``file://`` URL:
 
-* no JavaScript error: no uncaught exception, no ``console.error``, no error-level log entry;
+* no JavaScript error: no uncaught exception, no ``console.error``, no error-level log entry, no failed request;
 * every figure is drawn: each ``.plotly-graph-div`` holds a ``.main-svg`` with content;
 * nothing is fetched from the network (plotly.js is inlined once; no CDN, no MathJax);
 * a screenshot is not blank (many distinct pixel colours);
@@ -10,10 +10,10 @@ For a decomposition report and a Jacobian report, each opened from a ``file://``
   the prompt, the tokenizer's vocabulary and the model id are shown as text and never run:
   no global is set, no alert dialog opens, and the raw HTML holds them only escaped.
 
-Driver: Chromium's DevTools protocol over ``--remote-debugging-pipe`` (file descriptors 3 and
-4, JSON messages separated by NUL), so no Python browser package is needed. The test needs
-``/usr/bin/chromium`` (Debian: ``apt-get install -y chromium chromium-driver``; ``.ci/run``
-installs it) and fails, rather than skips, when it is missing. ``CHROMIUM=/path`` overrides.
+Driver: Playwright for Python driving the system's Chromium (``executable_path``; Playwright's own
+browser downloads are never used, so ``playwright install`` is not needed). The test needs
+``/usr/bin/chromium`` (Debian: ``apt-get install -y chromium``; ``make setup`` installs it when run as
+root) and fails, rather than skips, when it is missing. ``CHROMIUM=/path`` overrides.
 
 Both reports are built from tiny random models (a Llama through nnsight) that use the real
 SmolLM2 tokenizer with the hostile strings added as whole tokens, so the strings reach every
@@ -22,23 +22,20 @@ place a token can appear: hover texts, tables, legends, axis labels, titles.
 from __future__ import annotations
 
 import base64
-import fcntl
 import html
-import json
 import os
 import re
-import subprocess
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from playwright.sync_api import sync_playwright
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-extensions", "--hide-scrollbars", "--window-size=1200,1600", "--remote-debugging-pipe"]
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--no-first-run", "--disable-quic", "--disable-sync"]
+VIEWPORT = {"width": 1200, "height": 1600}
 
 # The first two, if they ever ran, would set window.__xss and open an alert dialog; the third is markup
 # Plotly itself understands (bold, line break), which a token string must not turn into.
@@ -47,118 +44,47 @@ PAYLOADS = ("<script>window.__xss=1;alert(1)</script>", '<img src=x onerror="win
 HOSTILE_ID = "tiny<script>window.__xss=3;alert(3)</script>"
 
 
-# ----- a minimal DevTools-protocol client over the pipe ------------------------------------------
-class Browser:
-    """Headless Chromium driven through ``--remote-debugging-pipe``; one page (flattened session)."""
+# ----- the browser: Playwright on the system Chromium ----------------------------------------------
+def launch_chromium(playwright):
+    """The system Chromium, headless; a missing browser is a failure with the fix, never a skip."""
+    if not (Path(CHROMIUM).is_file() and os.access(CHROMIUM, os.X_OK)):
+        pytest.fail(f"headless Chromium is needed at {CHROMIUM} for the HTML report test and is missing. "
+                    f"Install it (Debian/Ubuntu: `apt-get install -y chromium`, which `make setup` does as root) "
+                    f"or point CHROMIUM=/path/to/chromium at another build.", pytrace=False)
+    return playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
 
-    def __init__(self, user_data_dir: Path, timeout: float = 60.0):
-        if not (Path(CHROMIUM).is_file() and os.access(CHROMIUM, os.X_OK)):
-            pytest.fail(f"headless Chromium is needed at {CHROMIUM} for the HTML report test and is missing. "
-                        f"Install it (Debian/Ubuntu: `apt-get install -y chromium chromium-driver`; CI's .ci/run "
-                        f"does this) or point CHROMIUM=/path/to/chromium at another build.", pytrace=False)
-        self.timeout = timeout
-        to_child_r, self._to_child = os.pipe()
-        self._from_child, from_child_w = os.pipe()
 
-        def wire_fds():  # in the child: fd 3 = commands in, fd 4 = replies out (either may be 3 or 4 already)
-            r, w = fcntl.fcntl(to_child_r, fcntl.F_DUPFD, 10), fcntl.fcntl(from_child_w, fcntl.F_DUPFD, 10)
-            os.dup2(r, 3)
-            os.dup2(w, 4)
+class Page:
+    """One page that records what the checks look at: problems (errors, dialogs) and requested URLs."""
 
-        self.proc = subprocess.Popen([CHROMIUM, *FLAGS, f"--user-data-dir={user_data_dir}", "about:blank"],
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, preexec_fn=wire_fds, close_fds=False)
-        os.close(to_child_r)
-        os.close(from_child_w)
-        self._next_id = 0
-        self._replies: dict[int, dict] = {}
-        self.events: list[dict] = []
-        self._cond = threading.Condition()
-        self._stderr: list[bytes] = []
-        threading.Thread(target=self._read, daemon=True).start()
-        threading.Thread(target=lambda: self._stderr.extend(self.proc.stderr), daemon=True).start()
-        self.session = None
-        target = self.send("Target.createTarget", url="about:blank")["targetId"]
-        self.session = self.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
-        for domain in ("Page", "Runtime", "Log", "Network"):
-            self.send(f"{domain}.enable")
+    def __init__(self, browser):
+        self.page = browser.new_page(viewport=VIEWPORT)
+        self.problems: list[str] = []
+        self.requests: list[str] = []
+        self.page.on("pageerror", lambda err: self.problems.append(f"uncaught: {err}"))
+        self.page.on("console", self._console)
+        self.page.on("dialog", self._dialog)
+        self.page.on("request", lambda request: self.requests.append(request.url))
+        self.page.on("requestfailed", lambda r: self.problems.append(f"request failed: {r.url} {r.failure}"))
 
-    def _read(self) -> None:
-        buf = b""
-        while True:
-            chunk = os.read(self._from_child, 1 << 16)
-            if not chunk:
-                break
-            buf += chunk
-            *messages, buf = buf.split(b"\0")
-            for raw in messages:
-                msg = json.loads(raw)
-                with self._cond:
-                    if "id" in msg:
-                        self._replies[msg["id"]] = msg
-                    else:
-                        self.events.append(msg)
-                        if msg.get("method") == "Page.javascriptDialogOpening":
-                            # answer from a thread of its own: the page is blocked until then
-                            threading.Thread(target=self.send, args=("Page.handleJavaScriptDialog",),
-                                             kwargs={"accept": True}, daemon=True).start()
-                    self._cond.notify_all()
+    def _console(self, message) -> None:  # console.error / console.assert and error-level log entries
+        if message.type in ("error", "assert"):
+            self.problems.append(f"console.{message.type}: {message.text} {message.location.get('url', '')}")
 
-    def send(self, method: str, **params) -> dict:
-        with self._cond:
-            self._next_id += 1
-            msg_id = self._next_id
-        msg = {"id": msg_id, "method": method, "params": params}
-        if self.session is not None:
-            msg["sessionId"] = self.session
-        os.write(self._to_child, json.dumps(msg).encode() + b"\0")
-        deadline = time.monotonic() + self.timeout
-        with self._cond:
-            while msg_id not in self._replies:
-                if self.proc.poll() is not None or not self._cond.wait(timeout=max(0.0, deadline - time.monotonic())):
-                    if time.monotonic() >= deadline or self.proc.poll() is not None:
-                        raise RuntimeError(f"Chromium did not answer {method} (exit code {self.proc.poll()}); "
-                                           f"stderr: {b''.join(self._stderr)[-2000:].decode(errors='replace')}")
-            reply = self._replies.pop(msg_id)
-        if "error" in reply:
-            raise RuntimeError(f"{method} failed: {reply['error']}")
-        return reply.get("result", {})
+    def _dialog(self, dialog) -> None:
+        self.problems.append(f"dialog opened: {dialog.type} {dialog.message!r}")
+        dialog.accept()  # the page is blocked until the dialog is answered
 
-    def evaluate(self, expression: str, await_promise: bool = False):
-        r = self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=await_promise)
-        if "exceptionDetails" in r:
-            raise RuntimeError(f"evaluating {expression[:80]!r} threw: {r['exceptionDetails']}")
-        return r["result"].get("value")
-
-    def wait_for_event(self, method: str, since: int = 0) -> dict:
-        deadline = time.monotonic() + self.timeout
-        with self._cond:
-            while True:
-                for ev in self.events[since:]:
-                    if ev.get("method") == method:
-                        return ev
-                if not self._cond.wait(timeout=max(0.0, deadline - time.monotonic())):
-                    raise RuntimeError(f"no {method} event within {self.timeout} s")
-
-    def close(self) -> None:
-        try:
-            self.session = None
-            self.send("Browser.close")
-        except Exception:
-            pass
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        os.close(self._to_child)
+    def evaluate(self, expression: str):
+        return self.page.evaluate(expression)
 
 
 @pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    b = Browser(tmp_path_factory.mktemp("chromium-profile"))
-    yield b
-    b.close()
+def browser():
+    with sync_playwright() as playwright:
+        chromium = launch_chromium(playwright)
+        yield Page(chromium)
+        chromium.close()
 
 
 # ----- hostile tokens in real reports --------------------------------------------------------------
@@ -255,11 +181,11 @@ HOVER_LABEL = """(() => {
 })()"""
 
 
-def _hover(browser: "Browser", point: int) -> dict:
+def _hover(browser: Page, point: int) -> dict:
     """Move the mouse onto ``point`` of the first figure's first trace; the hover label and the point hit."""
     xy = browser.evaluate(POINT_XY % point)
-    browser.send("Input.dispatchMouseEvent", type="mouseMoved", x=xy["x"] - 3, y=xy["y"] - 3)
-    browser.send("Input.dispatchMouseEvent", type="mouseMoved", x=xy["x"], y=xy["y"])
+    browser.page.mouse.move(xy["x"] - 3, xy["y"] - 3)
+    browser.page.mouse.move(xy["x"], xy["y"])
     deadline = time.monotonic() + 10
     while True:
         label = browser.evaluate(HOVER_LABEL)
@@ -268,23 +194,7 @@ def _hover(browser: "Browser", point: int) -> dict:
         time.sleep(0.1)
 
 
-def _problems(events: list[dict]) -> list[str]:
-    out = []
-    for ev in events:
-        m, p = ev.get("method"), ev.get("params", {})
-        if m == "Runtime.exceptionThrown":
-            d = p["exceptionDetails"]
-            out.append(f"uncaught: {d.get('exception', {}).get('description') or d.get('text')}")
-        elif m == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
-            out.append(f"console.{p['type']}: {[a.get('value', a.get('description')) for a in p.get('args', [])]}")
-        elif m == "Log.entryAdded" and p["entry"].get("level") == "error":
-            out.append(f"log: {p['entry'].get('text')} {p['entry'].get('url', '')}")
-        elif m == "Page.javascriptDialogOpening":
-            out.append(f"dialog opened: {p.get('type')} {p.get('message')!r}")
-    return out
-
-
-def _open_and_check(browser: Browser, report: Path, screenshot_to: Path) -> dict:
+def _open_and_check(browser: Page, report: Path, screenshot_to: Path) -> dict:
     """Load ``report`` and run every check; returns the figure state and colour count."""
     text = report.read_text(encoding="utf-8")
     # self-contained: plotly.js inlined once, nothing loaded by URL
@@ -296,9 +206,8 @@ def _open_and_check(browser: Browser, report: Path, screenshot_to: Path) -> dict
         assert payload not in text, f"raw {payload!r} in the HTML"
     assert html.escape(PAYLOADS[0]) in text or html.escape(PAYLOADS[0], quote=False) in text
 
-    start = len(browser.events)
-    browser.send("Page.navigate", url=report.resolve().as_uri())
-    browser.wait_for_event("Page.loadEventFired", since=start)
+    problems, requests = len(browser.problems), len(browser.requests)
+    browser.page.goto(report.resolve().as_uri(), wait_until="load")
     deadline = time.monotonic() + 60
     while True:
         state = browser.evaluate(FIGURE_STATE)
@@ -307,21 +216,18 @@ def _open_and_check(browser: Browser, report: Path, screenshot_to: Path) -> dict
         if time.monotonic() > deadline:
             pytest.fail(f"{report.name}: only {state['drawn']} of {state['n']} figures drew; empty: {state['empty']}")
         time.sleep(0.2)
-    time.sleep(0.5)  # let late errors (async plotly work) arrive
-    events = browser.events[start:]
+    browser.page.wait_for_timeout(500)  # let late errors (async plotly work) arrive
 
-    assert not _problems(events), f"{report}: {_problems(events)}"
-    requests = [ev["params"]["request"]["url"] for ev in events if ev.get("method") == "Network.requestWillBeSent"]
-    remote = [u for u in requests if not u.startswith(("file:", "data:", "about:", "blob:"))]
+    assert not browser.problems[problems:], f"{report}: {browser.problems[problems:]}"
+    remote = [u for u in browser.requests[requests:] if not u.startswith(("file:", "data:", "about:", "blob:"))]
     assert not remote, f"the report fetched from the network: {remote}"
     assert browser.evaluate("typeof window.__xss") == "undefined", "a hostile token string was executed"
     injected = browser.evaluate("document.querySelectorAll('img[src=\"x\"]').length + [...document.scripts]"
                                 ".filter(s => s.text.trim().startsWith('window.__xss')).length")
     assert injected == 0, "a hostile token string became an element"
 
-    shot = browser.send("Page.captureScreenshot", format="png", captureBeyondViewport=False)["data"]
-    screenshot_to.write_bytes(base64.b64decode(shot))
-    pixels = browser.evaluate(COUNT_COLOURS % shot, await_promise=True)
+    shot = browser.page.screenshot(path=screenshot_to, type="png", full_page=False)
+    pixels = browser.evaluate(COUNT_COLOURS % base64.b64encode(shot).decode())
     assert pixels["width"] > 500 and pixels["height"] > 500, pixels
     assert pixels["colours"] > 200, f"screenshot looks blank: {pixels}"
     return {**state, **pixels}
@@ -346,7 +252,7 @@ def test_decomposition_report_in_browser(browser, decomposition_report, tmp_path
             break
     assert len(seen) == len(PAYLOADS), f"hovering never reached anchors with {set(PAYLOADS) - seen}"
     assert browser.evaluate("typeof window.__xss") == "undefined"
-    assert not _problems(browser.events), _problems(browser.events)
+    assert not browser.problems, browser.problems
 
 
 def test_jacobian_report_in_browser(browser, jacobian_report, tmp_path):
@@ -377,4 +283,4 @@ def test_browser_fails_loudly_without_chromium(monkeypatch, tmp_path):
     module = sys.modules[__name__]
     monkeypatch.setattr(module, "CHROMIUM", str(tmp_path / "no-chromium"))
     with pytest.raises(pytest.fail.Exception, match="apt-get install -y chromium"):
-        Browser(tmp_path / "profile")
+        launch_chromium(None)  # refused before Playwright is asked for anything
