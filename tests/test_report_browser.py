@@ -184,6 +184,11 @@ HOVER_LABEL = """(() => {
 def _hover(browser: Page, point: int) -> dict:
     """Move the mouse onto ``point`` of the first figure's first trace; the hover label and the point hit."""
     xy = browser.evaluate(POINT_XY % point)
+    # first off the figure until the previous label is gone, so the label read next is this move's own
+    browser.page.mouse.move(1, 1)
+    deadline = time.monotonic() + 10
+    while browser.evaluate(HOVER_LABEL)["text"] and time.monotonic() < deadline:
+        time.sleep(0.05)
     browser.page.mouse.move(xy["x"] - 3, xy["y"] - 3)
     browser.page.mouse.move(xy["x"], xy["y"])
     deadline = time.monotonic() + 10
