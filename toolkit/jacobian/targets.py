@@ -10,9 +10,9 @@ spelling          ``y``                                                         
 ``l`` (int)       the residual stream ``h_l`` at boundary ``l`` (0 = embeddings,    ``h_0``
                   ``L`` = last block's output, before the final norm)
 ``"attn.l"``      block ``l``'s attention output, as added to the residual stream   ``h_0``
-                  (Gemma 3: after its post-attention norm)
+                  (Gemma 2/3, OLMo 2: after its post-attention norm)
 ``"mlp.l"``       block ``l``'s MLP output, as added to the residual stream         ``h_0``
-                  (Gemma 3: after its post-feedforward norm)
+                  (Gemma 2/3, OLMo 2: after its post-feedforward norm)
 ``"layer.l"``     ``h_{l+1}``: block ``l``'s own transform ``h_l -> h_{l+1}``,       ``h_l``
                   cross-token attention included, so ``J_i = dh_{l+1}[pos]/dh_l[i]``
 ================  ===============================================================  ==========
@@ -59,10 +59,16 @@ SUBLAYER_OUTPUTS: dict[str, dict[str, str]] = {
     "gpt2": {"attn": "attn", "mlp": "mlp"},
     "gpt_neox": {"attn": "post_attention_dropout", "mlp": "post_mlp_dropout"},
     "mamba": {},
+    "gemma2": {"attn": "post_attention_layernorm", "mlp": "post_feedforward_layernorm"},
+    "olmo2": {"attn": "post_attention_layernorm", "mlp": "post_feedforward_layernorm"},
+    **{f: {"attn": "self_attn", "mlp": "mlp"} for f in ("mistral", "ministral", "ministral3", "smollm3")},
+    "phi3": {"attn": "resid_attn_dropout", "mlp": "resid_mlp_dropout"},
+    "gptj": {"attn": "attn", "mlp": "mlp"},  # parallel block: h + attn(ln_1(h)) + mlp(ln_1(h))
+    "gpt_neo": {"attn": "attn", "mlp": "mlp"},
 }
 COMPONENT_KINDS = ("attn", "mlp", "layer")
 # Learned absolute position embeddings, attribute of the base model: part of x = h_0, not of the map.
-POSITION_EMBEDDINGS = {"gpt2": "wpe"}
+POSITION_EMBEDDINGS = {"gpt2": "wpe", "gpt_neo": "wpe"}
 
 
 @dataclass(frozen=True)
