@@ -58,6 +58,20 @@ def hf_causal_lm_class(model_type: str) -> str:
     return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, "")
 
 
+def family_hf_class(family: str) -> str:
+    """The transformers CausalLM class of one of the toolkit's families (its spec's first model type).
+
+    Example:
+        >>> family_hf_class("gemma3")
+        'Gemma3ForCausalLM'
+    """
+    from toolkit.models.architectures import SPECS
+    spec = next((s for s in SPECS if s.family == family), None)
+    if spec is None:
+        raise ValueError(f"unknown family {family!r}; known: {', '.join(s.family for s in SPECS)}.")
+    return hf_causal_lm_class(spec.model_types[0])
+
+
 def tl_bridge_supports(hf_class: str) -> bool:
     """Whether the installed TransformerLens has a ``TransformerBridge`` adapter for this transformers class.
 
@@ -95,7 +109,7 @@ def family_status(check_tl: bool = True) -> list[FamilyStatus]:
 
     rows = []
     for spec in SPECS:
-        hf_class = hf_causal_lm_class(spec.model_types[0])
+        hf_class = family_hf_class(spec.family)
         weights = tuple(e.name for e in REGISTRY if e.family == spec.family and e.weights_available())
         rows.append(FamilyStatus(spec.family, spec.model_types, hf_class, True,
                                  _freeze_rules_cover(spec.family, hf_class),
