@@ -51,7 +51,8 @@ def _reference_patch(hf_model, ids, layer, positions, values):
             return args, {**kwargs, "hidden_states": edit(kwargs["hidden_states"])}
         handle = blocks[layer].register_forward_pre_hook(hook, with_kwargs=True)
     else:
-        handle = blocks[-1].register_forward_hook(lambda m, a, out: edit(out))
+        handle = blocks[-1].register_forward_hook(  # GPT-J / GPT-Neo blocks return (hidden, attn weights)
+            lambda m, a, out: (edit(out[0]),) + out[1:] if isinstance(out, tuple) else edit(out))
     with torch.no_grad():
         logits = hf_model(ids).logits
     handle.remove()

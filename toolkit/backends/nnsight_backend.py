@@ -22,6 +22,11 @@ from toolkit.backends.base import Backend, ModelInfo, Patch
 from toolkit.models.architectures import spec_for
 
 
+def _hidden(block_output):
+    """A block's hidden states: the output itself, or its first element where the block returns a tuple (GPT-J, GPT-Neo)."""
+    return block_output[0] if isinstance(block_output, tuple) else block_output
+
+
 class NNsightBackend(Backend):
     name = "nnsight"
 
@@ -46,7 +51,7 @@ class NNsightBackend(Backend):
         with torch.no_grad(), self.traced.trace(input_ids, **kwargs) as tracer:
             # nnsight 0.8 requires modules to be visited in execution order.
             for l in sorted(set(layers)):
-                saved[l] = (blocks[0].input if l == 0 else blocks[l - 1].output).save()
+                saved[l] = (blocks[0].input if l == 0 else _hidden(blocks[l - 1].output)).save()
             tracer.stop()  # nothing above the last boundary asked for is needed: skip the rest and the unembedding
         return torch.stack([saved[l] for l in layers])
 
@@ -60,7 +65,7 @@ class NNsightBackend(Backend):
                 self.check_boundary(patch.layer)
                 if patch.layer == self.n_layers:
                     # h_L feeds the final norm, which is not a block: patch the last block's output.
-                    target = blocks[patch.layer - 1].output
+                    target = _hidden(blocks[patch.layer - 1].output)  # edited in place: the norm sees it
                 else:
                     target = blocks[patch.layer].input
                 if patch.add:
