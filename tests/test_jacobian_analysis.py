@@ -139,7 +139,7 @@ def test_jacobian_command_on_a_component(smollm2_nnsight, tmp_path):
     assert not (tmp_path / "bad").exists()  # refused before anything is written
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma3", "mamba"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma3", "mamba", "gemma2", "olmo2", "phi3", "gpt_neo"])
 def test_residual_readout_is_the_frozen_final_norm_then_unembedding(arch):
     """u @ residual_readout is parallel to W_U applied to the frozen final norm's derivative in u."""
     from toolkit.jacobian.analysis import residual_readout
