@@ -90,7 +90,7 @@ def test_smollm2_same_metrics_through_both_backends(smollm2_nnsight, smollm2_tl)
 
 
 @pytest.mark.parametrize("arch", ["mistral", "ministral", "ministral3", "phi3", "olmo2", "gemma2", "smollm3",
-                                  "gptj", "gpt_neo"])
+                                  "gptj", "gpt_neo", "gemma"])
 def test_decomposition_runs_on_every_family(arch, smollm2_tokenizer):
     """Issue 12's families end to end (through nnsight, which serves them all): one layer, small settings."""
     model = make_backend(tiny_hf_model(arch, vocab_size=smollm2_tokenizer.vocab_size), smollm2_tokenizer)

@@ -12,7 +12,7 @@ REQUIRED = ("mistral", "ministral", "ministral3", "phi3", "olmo2", "gemma2")  # 
 
 def test_every_required_family_is_covered_and_tested():
     rows = {r.family: r for r in family_status()}
-    for family in REQUIRED + ("llama", "qwen3", "gemma3", "gpt2", "gpt_neox", "mamba", "smollm3", "gptj", "gpt_neo"):
+    for family in REQUIRED + ("llama", "qwen3", "gemma3", "gpt2", "gpt_neox", "mamba", "smollm3", "gptj", "gpt_neo", "gemma"):
         assert rows[family].served and rows[family].freeze_rules and rows[family].tiny_tested, rows[family]
     assert rows["gemma2"].hf_class == "Gemma2ForCausalLM" and rows["gemma2"].model_types == ("gemma2",)
     # TransformerLens' bridge has no Ministral (v1) adapter; it has one for the others

@@ -14,7 +14,7 @@ from toolkit.models.families import family_hf_class, tl_bridge_supports
 from toolkit.models.tiny import TINY_ARCHITECTURES, tiny_hf_model
 
 IDS = torch.tensor([3, 17, 42, 7, 99, 5])
-NEW_FAMILIES = ["mistral", "ministral3", "phi3", "olmo2", "gemma2", "smollm3", "gptj", "gpt_neo"]  # issue 12
+NEW_FAMILIES = ["mistral", "ministral3", "phi3", "olmo2", "gemma2", "smollm3", "gptj", "gpt_neo", "gemma"]  # issue 12
 NO_TL_BRIDGE = [a for a in TINY_ARCHITECTURES if not tl_bridge_supports(family_hf_class(a))]  # Ministral
 
 

@@ -22,7 +22,7 @@ linear               modules that only add, project, reshape, embed or drop (in 
 
 Rules are keyed by the exact class (a subclass may override ``forward``, so it must be
 registered on its own). :data:`RULES` covers the HF families of :mod:`toolkit.models.families`
-(Llama, Qwen3, Gemma 2/3, Mistral/Ministral, Phi 3, OLMo 2, SmolLM3, GPT-2, GPT-J, GPT-Neo,
+(Llama, Qwen3, Gemma 1/2/3, Mistral/Ministral, Phi 3, OLMo 2, SmolLM3, GPT-2, GPT-J, GPT-Neo,
 GPT-NeoX, Mamba); fused projections (GPT-2's ``c_attn``, Phi 3's ``qkv_proj`` and
 ``gate_up_proj``) freeze only their q/k columns and their gate half; :func:`rule_for` returns ``None`` for anything else, and
 :mod:`toolkit.jacobian.freeze` stops with an error naming it.
@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import activations as hf_act
+from transformers.models.gemma import modeling_gemma as gemma
 from transformers.models.gemma2 import modeling_gemma2 as gemma2
 from transformers.models.gemma3 import modeling_gemma3 as gemma3
 from transformers.models.gpt2 import modeling_gpt2 as gpt2
@@ -371,18 +372,18 @@ def _rules() -> dict[type, Rule]:
         "norm", _install_rmsnorm, "w * x * [rsqrt(mean(x^2)+eps)]", weight)
     # OLMo 2 also norms the flattened q and k (QK-norm: inside the detached pattern) and each sublayer's output
     add([olmo2.Olmo2RMSNorm], "norm", _install_rmsnorm_weight_first, "w * x * [rsqrt(mean(x^2)+eps)]", weight)
-    add([gemma3.Gemma3RMSNorm, gemma2.Gemma2RMSNorm], "norm", _install_gemma_rmsnorm,
+    add([gemma3.Gemma3RMSNorm, gemma2.Gemma2RMSNorm, gemma.GemmaRMSNorm], "norm", _install_gemma_rmsnorm,
         "(1+w) * x * [rsqrt(mean(x^2)+eps)]", lambda m: 1.0 + m.weight)
     add([nn.LayerNorm], "norm", _install_layernorm, "(x-mean) * [rsqrt(var+eps)] * w + b", weight)
     add(list(ACTIVATION_GATES), "activation", _install_activation, "x * [act(x)/x]")
     add([llama.LlamaMLP, qwen3.Qwen3MLP, gemma3.Gemma3MLP, mistral.MistralMLP, ministral.MinistralMLP,
-         ministral3.Ministral3MLP, olmo2.Olmo2MLP, gemma2.Gemma2MLP, smollm3.SmolLM3MLP],
+         ministral3.Ministral3MLP, olmo2.Olmo2MLP, gemma2.Gemma2MLP, smollm3.SmolLM3MLP, gemma.GemmaMLP],
         "gated_mlp", _install_gated_mlp, "down([act(gate(x))] * up(x))")
     add([phi3.Phi3MLP], "gated_mlp", _install_fused_gated_mlp, "down(up * [act(gate)]), [gate | up] = gate_up_proj(x)")
     # Gemma 2's attention-logit softcap, sliding windows, Ministral 3's position scale of q: all in the constant pattern
     add([llama.LlamaAttention, qwen3.Qwen3Attention, gemma3.Gemma3Attention, mistral.MistralAttention,
          ministral.MinistralAttention, ministral3.Ministral3Attention, olmo2.Olmo2Attention, gemma2.Gemma2Attention,
-         smollm3.SmolLM3Attention, gptj.GPTJAttention, gpt_neo.GPTNeoSelfAttention],
+         smollm3.SmolLM3Attention, gptj.GPTJAttention, gpt_neo.GPTNeoSelfAttention, gemma.GemmaAttention],
         "attention", _install_separate_qk, "[q_proj], [k_proj]: constant pattern, V->O linear")
     add([phi3.Phi3Attention], "attention", _install_phi3_attention, "[q|k] of qkv_proj: constant pattern")
     add([gpt2.GPT2Attention], "attention", _install_gpt2_attention, "[q|k] of c_attn: constant pattern")
@@ -414,7 +415,9 @@ def _rules() -> dict[type, Rule]:
          olmo2.Olmo2Model, gemma2.Gemma2Model, smollm3.SmolLM3Model, gptj.GPTJModel, gpt_neo.GPTNeoModel,
          mistral.MistralForCausalLM, ministral.MinistralForCausalLM, ministral3.Ministral3ForCausalLM,
          phi3.Phi3ForCausalLM, olmo2.Olmo2ForCausalLM, gemma2.Gemma2ForCausalLM, smollm3.SmolLM3ForCausalLM,
-         gptj.GPTJForCausalLM, gpt_neo.GPTNeoForCausalLM],
+         gptj.GPTJForCausalLM, gpt_neo.GPTNeoForCausalLM,
+         gemma.GemmaTextScaledWordEmbedding, gemma.GemmaRotaryEmbedding, gemma.GemmaDecoderLayer, gemma.GemmaModel,
+         gemma.GemmaForCausalLM],
         "linear", None, "affine given frozen children")
     return table
 

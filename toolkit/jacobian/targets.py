@@ -61,7 +61,7 @@ SUBLAYER_OUTPUTS: dict[str, dict[str, str]] = {
     "mamba": {},
     "gemma2": {"attn": "post_attention_layernorm", "mlp": "post_feedforward_layernorm"},
     "olmo2": {"attn": "post_attention_layernorm", "mlp": "post_feedforward_layernorm"},
-    **{f: {"attn": "self_attn", "mlp": "mlp"} for f in ("mistral", "ministral", "ministral3", "smollm3")},
+    **{f: {"attn": "self_attn", "mlp": "mlp"} for f in ("mistral", "ministral", "ministral3", "smollm3", "gemma")},
     "phi3": {"attn": "resid_attn_dropout", "mlp": "resid_mlp_dropout"},
     "gptj": {"attn": "attn", "mlp": "mlp"},  # parallel block: h + attn(ln_1(h)) + mlp(ln_1(h))
     "gpt_neo": {"attn": "attn", "mlp": "mlp"},

@@ -45,7 +45,8 @@ class ArchitectureSpec:
 SPECS: tuple[ArchitectureSpec, ...] = (
     ArchitectureSpec("llama", ("llama",), "model", "layers", "norm", False),
     ArchitectureSpec("qwen3", ("qwen3", "qwen2"), "model", "layers", "norm", False),
-    ArchitectureSpec("gemma3", ("gemma3_text", "gemma3", "gemma"), "model", "layers", "norm", False),
+    ArchitectureSpec("gemma3", ("gemma3_text", "gemma3"), "model", "layers", "norm", False),
+    ArchitectureSpec("gemma", ("gemma",), "model", "layers", "norm", False),
     ArchitectureSpec("gemma2", ("gemma2",), "model", "layers", "norm", False),
     ArchitectureSpec("mistral", ("mistral",), "model", "layers", "norm", False),
     ArchitectureSpec("ministral", ("ministral",), "model", "layers", "norm", False),

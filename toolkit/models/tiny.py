@@ -18,7 +18,7 @@ import transformers
 from transformers import PreTrainedModel
 
 TINY_ARCHITECTURES = ("gpt2", "gpt_neox", "llama", "qwen3", "gemma3", "mamba",
-                      "mistral", "ministral", "ministral3", "phi3", "olmo2", "gemma2", "smollm3", "gptj", "gpt_neo")
+                      "mistral", "ministral", "ministral3", "phi3", "olmo2", "gemma2", "smollm3", "gptj", "gpt_neo", "gemma")
 # Llama-like decoders: (config class, CausalLM class, extra config). Sliding windows of 4 tokens, so
 # that the tests' 6-9 token prompts reach past them; Ministral and Gemma 2 alternate sliding and full layers.
 _LLAMA_LIKE = {
@@ -30,6 +30,7 @@ _LLAMA_LIKE = {
     # Gemma 2: softcaps low enough to bend random-init attention scores and logits
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(sliding_window=4, query_pre_attn_scalar=16,
                                                          attn_logit_softcapping=1.0, final_logit_softcapping=2.0)),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {}),
     "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(no_rope_layer_interval=2)),  # odd layers: no rotary
 }
 _UNPERTURBED = ("gpt2", "mamba")  # norm weights left at their init (the older tests' numbers rely on it)
