@@ -97,10 +97,10 @@ class LayerwiseSpectra:
 
 
 def kind_and_layer(name, n_layers: int) -> tuple[str, int]:
-    """``("resid", l)``, ``("attn", l)``, ``("mlp", l)`` or ``("output", L)`` for a target name.
+    """``("resid", l)``, ``("attn", l)``, ``("mlp", l)``, ``("block", l)`` or ``("output", L)`` for a target name.
 
     Example:
-        >>> kind_and_layer("mlp.4", 30), kind_and_layer(7, 30), kind_and_layer("output", 30)
+        >>> kind_and_layer("mlp.4", 30), kind_and_layer("resid.7", 30), kind_and_layer("output", 30)
         (('mlp', 4), ('resid', 7), ('output', 30))
     """
     if name == "output":
@@ -108,8 +108,9 @@ def kind_and_layer(name, n_layers: int) -> tuple[str, int]:
     if isinstance(name, int):
         return "resid", name
     kind, _, layer = str(name).partition(".")
-    if kind not in ("attn", "mlp", "layer") or not layer.isdigit():
-        raise ValueError(f"target name {name!r} is not 'output', a boundary, 'attn.l', 'mlp.l' or 'layer.l'.")
+    kind = {"layer": "block"}.get(kind, kind)
+    if kind not in ("resid", "attn", "mlp", "block") or not layer.isdigit():
+        raise ValueError(f"target name {name!r} is not 'output', 'resid.l', 'attn.l', 'mlp.l' or 'block.l'.")
     return kind, int(layer)
 
 

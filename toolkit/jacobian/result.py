@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from toolkit.metrics import relative_error
+
 KIND = "toolkit.jacobian.DetachedJacobian"
 VERSION = 1
 
@@ -116,14 +118,3 @@ class DetachedJacobian:
         what = "detached" if self.detached else "ordinary"
         return (f"DetachedJacobian({what}, target={self.settings.get('target')!r}, T={T}, d_out={d_out}, "
                 f"d_in={d_in}, rel_err={self.reconstruction_error:.2e})")
-
-
-def relative_error(estimate: Tensor, reference: Tensor) -> float:
-    """``||estimate - reference|| / ||reference||`` in float64.
-
-    Example:
-        >>> relative_error(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 1.0]))
-        0.0
-    """
-    ref = reference.double()
-    return float((estimate.double() - ref).norm() / ref.norm().clamp_min(1e-300))

@@ -43,7 +43,7 @@ What is computed
 
 Edits go through :meth:`toolkit.backends.base.Backend.run_with_patches` with additive
 patches, so steering runs through nnsight and TransformerLens alike; the concept's map
-``F`` is the backend's own (:func:`toolkit.jacobian.through_backend.backend_target_function`).
+``F`` is the backend's own (:meth:`toolkit.backends.base.Backend.target_function`).
 
 Example:
     >>> import toolkit
@@ -67,12 +67,12 @@ import torch
 from torch import Tensor
 
 from toolkit.backends.base import Backend, Patch
-from toolkit.jacobian.compute import input_embeddings
+from toolkit.jacobian.compute import input_embeddings, model_target_function
+from toolkit.jacobian.targets import resolve_target
 from toolkit.jacobian.factors import FactorStore
 from toolkit.jacobian.freeze import detached
-from toolkit.jacobian.result import relative_error
+from toolkit.metrics import relative_error, require_eval_mode
 from toolkit.jacobian.steering_result import SteeringResult, SteeringRun
-from toolkit.jacobian.through_backend import backend_target_function
 
 Operator = Literal["sum", "last", "window"]
 OPERATORS: tuple[str, ...] = ("sum", "last", "window")
@@ -120,8 +120,9 @@ class ConceptOperator:
                              f"use -{n}..{n - 1} (default -1, the last token).")
         self.model, self.layer, self.operator, self.position = model, layer, operator, position % n
         self.concept_ids = ids
-        self.x_star = model.hidden_states(ids[None], layers=[0])[0, 0].detach()  # h_0 through the backend
-        self._f = backend_target_function(model, ids, target=layer, position=self.position)
+        # f: h_0 -> h_layer at the concept position, through the backend's own hooking; x* = h_0 read through it
+        self._f, self.x_star, _ = model_target_function(model, ids, resolve_target(model.hf_model, layer),
+                                                        self.position)
         self._store = FactorStore()
         with detached(model.hf_model, store=self._store) as freeze, freeze.recording(), torch.no_grad():
             self.y = self._f(self.x_star).detach()
@@ -281,8 +282,7 @@ def steering_sweep(model, concept_prompt: TextOrIds, prompt: TextOrIds, layers: 
 
     t_start = time.perf_counter()
     model = model if isinstance(model, Backend) else make_backend(model)
-    if model.hf_model.training:
-        raise ValueError("the model is in training mode (dropout active); call hf_model.eval() first.")
+    require_eval_mode(model.hf_model)
     if operator not in OPERATORS:
         raise ValueError(f"unknown operator {operator!r}; choose one of {', '.join(OPERATORS)}.")
     layers = _check_layers(model, layers)
