@@ -31,7 +31,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal
+from typing import TYPE_CHECKING, Any, Iterable, Literal
 
 import torch
 from torch import Tensor, nn
@@ -47,6 +47,9 @@ from toolkit.jacobian.targets import (SUBLAYER_OUTPUTS, TargetSpec, input_embedd
 from toolkit.metrics import require_eval_mode
 from toolkit.models.architectures import spec_for
 from toolkit.prompts import Prompt, single_sequence
+
+if TYPE_CHECKING:
+    from toolkit.jacobian.layerwise import LayerwiseSpectra
 
 AllMode = Literal["auto", "forward", "reverse"]
 COMPONENTS = ("resid", "attn", "mlp")
@@ -80,6 +83,22 @@ class LayerJacobians:
         if key not in self.results:
             raise KeyError(f"no target {name!r} here; targets: {self.names}.")
         return self.results[key]
+
+    def spectra(self, **kwargs) -> "LayerwiseSpectra":
+        """:func:`toolkit.jacobian.layerwise.layerwise_spectra` of these Jacobians (stable rank, overlaps).
+
+        Example:
+            >>> import torch
+            >>> from toolkit.models.tiny import tiny_hf_model
+            >>> all_layer_jacobians(tiny_hf_model("llama"), [1, 2, 3]).spectra(k=2).names
+            ['resid.1', 'resid.2', 'output']
+        """
+        from toolkit.jacobian.layerwise import layerwise_spectra
+        return layerwise_spectra(self, **kwargs)
+
+    def figure(self, **kwargs):
+        """The layerwise figure of :meth:`spectra` (Figure 6)."""
+        return self.spectra(**kwargs).figure()
 
     def __repr__(self) -> str:
         return f"LayerJacobians(mode={self.mode!r}, n_targets={len(self.results)}, names={self.names[:4]}...)"

@@ -73,6 +73,29 @@ class TopSVD:
     converged: bool
     settings: dict[str, Any] = field(default_factory=dict)
 
+    def to_frame(self):
+        """One row per singular triplet: index and value (the vectors stay in ``U`` / ``V``).
+
+        Example:
+            >>> top.to_frame()                                             # doctest: +SKIP
+        """
+        import pandas as pd
+        return pd.DataFrame({"index": range(len(self.singular_values)),
+                             "singular_value": self.singular_values.tolist()})
+
+    def figure(self):
+        """The top-``k`` singular values.
+
+        Example:
+            >>> top.figure()                                               # doctest: +SKIP
+        """
+        import plotly.graph_objects as go
+        from toolkit.plots.style import finish
+        fig = go.Figure(go.Bar(x=list(range(1, len(self.singular_values) + 1)), y=self.singular_values.tolist()))
+        target = self.settings.get("target", "")
+        return finish(fig, f"Top-{len(self.singular_values)} singular values, matrix-free ({target})",
+                      "index", "singular value")
+
     def __repr__(self) -> str:
         s = ", ".join(f"{float(v):.4g}" for v in self.singular_values[:4])
         return (f"TopSVD(k={len(self.singular_values)}, S=[{s}{', ...' if len(self.singular_values) > 4 else ''}], "

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from toolkit.metrics import relative_error
+
+if TYPE_CHECKING:
+    from toolkit.jacobian.analysis import JacobianSVD
 
 KIND = "toolkit.jacobian.DetachedJacobian"
 VERSION = 1
@@ -112,6 +115,30 @@ class DetachedJacobian:
                              f"this toolkit reads version {VERSION}.")
         return cls(jacobian=data["jacobian"], y=data["y"], x=data["x"], c=data["c"], token_ids=data["token_ids"],
                    settings=data["settings"], reconstruction_error=data["reconstruction_error"])
+
+    def svd(self, model: Any, *, top_k: int = 5, n_vectors: int = 3, n_rows: int = 3) -> "JacobianSVD":
+        """SVD of each ``J_i`` decoded to tokens with ``model``'s vocabulary (:mod:`toolkit.jacobian.analysis`).
+
+        ``model`` is the loaded model the Jacobian came from (any backend; a bare HF model needs
+        :func:`toolkit.make_backend` with its tokenizer for the token strings).
+
+        Example:
+            >>> jac = toolkit.detached_jacobian(model, "The bridge out of Marin is the")   # doctest: +SKIP
+            >>> jac.svd(model).top_tokens(position=-1, k=5)                               # doctest: +SKIP
+            [' Golden', ...]
+        """
+        from toolkit.backends import as_backend
+        from toolkit.jacobian.analysis import analyze_with_model
+        return analyze_with_model(self, as_backend(model), top_k=top_k, n_vectors=n_vectors, n_rows=n_rows)
+
+    def figure(self, ordinary: "DetachedJacobian | None" = None, max_points: int = 5000):
+        """``y`` against ``sum_i J_i x_i + c`` (exact on the diagonal), with an ordinary Jacobian for contrast.
+
+        Example:
+            >>> fig = jac.figure()                                                        # doctest: +SKIP
+        """
+        from toolkit.plots.jacobian import reconstruction_scatter
+        return reconstruction_scatter(self, ordinary, max_points=max_points)
 
     def __repr__(self) -> str:
         T, d_out, d_in = self.jacobian.shape

@@ -151,8 +151,8 @@ def resolve_target(hf_model: nn.Module, target: Target) -> TargetSpec:
     if kind == "resid" and isinstance(layer, int):
         if 0 <= layer <= n_layers:
             return TargetSpec("resid", layer)
-        raise ValueError(f"target boundary {target!r} is out of range for a {n_layers}-layer model; "
-                         f"valid targets: {choices}.")
+        raise ValueError(f"target {target!r} is out of range: not a layer boundary 0..{n_layers} of this "
+                         f"{n_layers}-layer model; valid targets: {choices}.")
     if kind not in COMPONENT_KINDS or not isinstance(layer, int) or isinstance(layer, bool):
         raise ValueError(f"target {target!r} is not understood; valid targets: {choices}.")
     if kind != "block" and kind not in SUBLAYER_OUTPUTS.get(spec.family, {}):
