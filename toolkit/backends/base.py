@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
@@ -138,7 +139,8 @@ class Backend(ABC):
 
     # ----- the interface ------------------------------------------------------------------
     @abstractmethod
-    def hidden_states(self, input_ids: Tensor, layers: Sequence[int] | None = None, kv_cache=None) -> Tensor:
+    def hidden_states(self, input_ids: "Prompt", layers: Sequence[int] | None = None,
+                      kv_cache=None) -> Float[Tensor, "n_boundaries batch seq d_model"]:
         """Residual stream at the chosen boundaries (default all): ``[len(layers), batch, seq, d_model]``.
 
         ``kv_cache`` (a transformers ``DynamicCache``) is filled with the keys and values of the
@@ -146,7 +148,8 @@ class Backend(ABC):
         the highest boundary asked for may not run.
         """
 
-    def run_with_patch(self, input_ids: Tensor, layer: int, positions: Tensor, values: Tensor) -> Tensor:
+    def run_with_patch(self, input_ids: "Prompt", layer: int, positions: Int[Tensor, "batch n"],
+                       values: Float[Tensor, "batch n d_model"]) -> Float[Tensor, "batch seq vocab"]:
         """Logits ``[batch, seq, vocab]`` after replacing ``h_layer`` at ``positions`` with ``values``.
 
         ``positions`` is ``[batch, n]`` (or ``[batch]`` for one position a row) and ``values``
@@ -161,14 +164,15 @@ class Backend(ABC):
                                                        values.reshape(-1, self.d_model))])
 
     @abstractmethod
-    def run_with_patches(self, input_ids: Tensor, patches: Sequence["Patch"], **forward_kwargs) -> Tensor:
+    def run_with_patches(self, input_ids: "Prompt", patches: Sequence["Patch"],
+                         **forward_kwargs) -> Float[Tensor, "batch seq vocab"]:
         """Logits after applying several patches, possibly at different boundaries, in one pass.
 
         Each :class:`Patch` replaces ``h_layer[rows[i], positions[i]]`` with ``values[i]``.
         ``forward_kwargs`` go to the HF forward (e.g. ``past_key_values`` for cached steps).
         """
 
-    def target_function(self, input_ids: Tensor, kind: str, layer: int | None,
+    def target_function(self, input_ids: Int[Tensor, "seq"], kind: str, layer: int | None,
                         position: int = -1) -> Callable[[Tensor], Tensor] | None:
         """This library's own ``f: h_0 [T, d] -> y [d]`` for a Jacobian target, or ``None`` if it has none.
 
@@ -180,7 +184,7 @@ class Backend(ABC):
         """
         return None
 
-    def logits(self, input_ids: Tensor) -> Tensor:
+    def logits(self, input_ids: "Prompt") -> Float[Tensor, "batch seq vocab"]:
         """Plain forward pass: ``[batch, seq, vocab]``."""
         with torch.no_grad():
             return self.hf_model(self.check_tokens(input_ids)).logits
@@ -208,7 +212,7 @@ class Backend(ABC):
         from toolkit.models.architectures import spec_for
         return spec_for(self.hf_model).blocks(self.hf_model)
 
-    def unembed(self, h_last: Tensor) -> Tensor:
+    def unembed(self, h_last: Float[Tensor, "... d_model"]) -> Float[Tensor, "... vocab"]:
         """Logits from the last boundary: ``lm_head(final_norm(h_last))``."""
         return self.unembed_normed(self.final_norm(h_last))
 

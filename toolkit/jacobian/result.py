@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from toolkit.metrics import relative_error
@@ -35,7 +36,7 @@ class DetachedJacobian:
            boundary, a block's attention or MLP output, or ``h_{l+1}``; see
            :mod:`toolkit.jacobian.targets`).
         x: ``[T, d_in]`` the input: the embeddings ``h_0`` (first block's input), or ``h_l`` for a
-           layer's own transform (target ``"layer.l"``; ``settings["input"]`` says which).
+           block's own transform (target ``"block.l"``; ``settings["input"]`` says which).
         c: ``[d_out]`` the constant term: the map at zero input (detached: with the factors of ``x``
            held fixed), so that the reconstruction is exact for affine frozen models (GPT-2, Pythia)
            and ``c ~ 0`` for bias-free ones (Llama-style).
@@ -44,11 +45,11 @@ class DetachedJacobian:
         reconstruction_error: ``||sum_i J_i x_i + c - y|| / ||y||`` (computed if not given).
     """
 
-    jacobian: Tensor
-    y: Tensor
-    x: Tensor
-    c: Tensor
-    token_ids: Tensor
+    jacobian: Float[Tensor, "T d_out d_in"]
+    y: Float[Tensor, "d_out"]
+    x: Float[Tensor, "T d_in"]
+    c: Float[Tensor, "d_out"]
+    token_ids: Int[Tensor, "T"]
     settings: dict[str, Any] = field(default_factory=dict)
     reconstruction_error: float | None = None
 
