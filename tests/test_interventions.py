@@ -12,10 +12,10 @@ from toolkit.collection.pairs import collect_hidden_states
 from toolkit.decompose.interventions import patched_kl, patched_kl_plain
 from toolkit.decompose.kl import kl_divergence, kl_from_normed, kl_many
 from toolkit.models.families import family_hf_class, tl_bridge_supports
-from toolkit.models.tiny import TINY_ARCHITECTURES, tiny_hf_model
+from toolkit.models.tiny import MECHANISM_ARCHITECTURES, tiny_hf_model
 
 # nnsight serves every family; TransformerBridge those it has an adapter for (not Ministral)
-CASES = [(a, b) for a in TINY_ARCHITECTURES for b in ("nnsight", "tl")
+CASES = [(a, b) for a in MECHANISM_ARCHITECTURES + ("ministral",) for b in ("nnsight", "tl")
          if b == "nnsight" or tl_bridge_supports(family_hf_class(a))]
 
 
@@ -105,7 +105,7 @@ def test_bad_values_shape(smollm2_tokenizer):
         patched_kl(model, tokens, positions, {0: torch.randn(4, 64)})
 
 
-@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+@pytest.mark.parametrize("arch", MECHANISM_ARCHITECTURES)
 def test_fast_kl_equals_plain_on_tiny_models(arch, smollm2_tokenizer):
     # tiny gemma3 has a sliding window of 8 < seq_len: it must take the per-position route and still agree
     model = make_backend(tiny_hf_model(arch, n_layers=3, vocab_size=smollm2_tokenizer.vocab_size),

@@ -33,6 +33,10 @@ _LLAMA_LIKE = {
     "gemma": ("GemmaConfig", "GemmaForCausalLM", {}),
     "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(no_rope_layer_interval=2)),  # odd layers: no rotary
 }
+# One per distinct block mechanism, for the slower parametrised tests: Mistral, Ministral, Ministral 3,
+# SmolLM3 and Gemma blocks are Llama's (separate q/k, gated MLP, pre-norms) with other masks or rotary.
+MECHANISM_ARCHITECTURES = ("gpt2", "gpt_neox", "llama", "qwen3", "gemma3", "mamba", "phi3", "olmo2", "gemma2",
+                           "gptj", "gpt_neo")
 _UNPERTURBED = ("gpt2", "mamba")  # norm weights left at their init (the older tests' numbers rely on it)
 
 
