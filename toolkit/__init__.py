@@ -11,3 +11,4 @@ from toolkit.models.registry import DEFAULT_MODEL
 
 __version__ = "0.1.0"
 __all__ = ["Backend", "make_backend", "load_model", "DEFAULT_MODEL", "__version__"]
+from toolkit.persist import load  # noqa: E402  (toolkit.load(path): any saved result, by its recorded kind)

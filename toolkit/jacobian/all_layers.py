@@ -44,6 +44,7 @@ from toolkit.jacobian.result import DetachedJacobian
 from toolkit.jacobian.targets import (SUBLAYER_OUTPUTS, TargetSpec, _as_ids, input_embeddings, resolve_target,
                                       states_function)
 from toolkit.models.architectures import spec_for
+from toolkit.persist import Parts, SavedResult
 
 AllMode = Literal["auto", "forward", "reverse"]
 COMPONENTS = ("resid", "attn", "mlp")
@@ -53,7 +54,7 @@ JVP_COST = {"replay": 1.1, "ad": 2.2}
 
 
 @dataclass
-class LayerJacobians:
+class LayerJacobians(SavedResult):
     """Detached Jacobians of many targets of one prompt, w.r.t. ``h_0``, at one position.
 
     Fields:
@@ -73,6 +74,26 @@ class LayerJacobians:
 
     def __getitem__(self, name) -> DetachedJacobian:
         return self.results[name]
+
+    # ----- persistence (toolkit.persist: .save(path), LayerJacobians.load(path)) --------------
+    KIND = "toolkit.jacobian.LayerJacobians"
+    NOUN = "LayerJacobians"
+
+    def _to_parts(self) -> Parts:
+        targets, tensors = [], {}
+        for i, (name, r) in enumerate(self.results.items()):
+            part = r._to_parts()
+            targets.append({"name": name, "settings": r.settings, **part.fields})
+            tensors.update({f"{i}.{k}": t for k, t in part.tensors.items()})
+        return Parts(fields={"mode": self.mode, "targets": targets}, tensors=tensors)
+
+    @classmethod
+    def _from_parts(cls, parts: Parts) -> "LayerJacobians":
+        results = {}
+        for i, target in enumerate(parts.fields["targets"]):
+            own = {k[len(f"{i}."):]: t for k, t in parts.tensors.items() if k.startswith(f"{i}.")}
+            results[target["name"]] = DetachedJacobian._from_parts(Parts(fields=target, tensors=own))
+        return cls(results=results, mode=parts.fields["mode"], settings=parts.fields["settings"])
 
     def __repr__(self) -> str:
         return f"LayerJacobians(mode={self.mode!r}, n_targets={len(self.results)}, names={self.names[:4]}...)"

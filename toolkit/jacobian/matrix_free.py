@@ -44,12 +44,13 @@ from torch import Tensor, nn
 
 from toolkit.jacobian.operator import FrozenOperator, frozen_operator
 from toolkit.jacobian.targets import Target, _as_ids, resolve_target, state_function, target_input
+from toolkit.persist import Parts, SavedResult
 
 MatVec = Callable[[Tensor], Tensor]
 
 
 @dataclass
-class TopSVD:
+class TopSVD(SavedResult):
     """Top-``k`` singular triplets of a Jacobian, ``J ≈ U diag(S) V^T`` on its top-``k`` part.
 
     Fields:
@@ -69,6 +70,21 @@ class TopSVD:
     n_blocks: int
     converged: bool
     settings: dict[str, Any] = field(default_factory=dict)
+
+    # ----- persistence (toolkit.persist: .save(path), TopSVD.load(path)) ----------------------
+    KIND = "toolkit.jacobian.TopSVD"
+    NOUN = "TopSVD"
+    _TENSORS = ("singular_values", "U", "V")
+    _FIELDS = ("n_jvp", "n_vjp", "n_blocks", "converged")
+
+    def _to_parts(self) -> Parts:
+        return Parts(fields={n: getattr(self, n) for n in self._FIELDS},
+                     tensors={n: getattr(self, n) for n in self._TENSORS})
+
+    @classmethod
+    def _from_parts(cls, parts: Parts) -> "TopSVD":
+        return cls(**{n: parts.tensors[n] for n in cls._TENSORS}, **{n: parts.fields[n] for n in cls._FIELDS},
+                   settings=parts.fields["settings"])
 
     def __repr__(self) -> str:
         s = ", ".join(f"{float(v):.4g}" for v in self.singular_values[:4])
