@@ -345,8 +345,9 @@ def _verify_files(meta: dict, path: Path) -> dict[str, Path]:
             raise DamagedResultError(f"{file} is missing (result.json lists it); {_fix(path)}.")
         size = file.stat().st_size
         if size != entry.get("bytes"):
-            raise DamagedResultError(f"{file} is damaged or cut short: {size} bytes, but this result's "
-                                     f"result.json recorded {entry.get('bytes')}; {_fix(path)}.")
+            raise DamagedResultError(f"{file} does not match this result: {size} bytes where result.json recorded "
+                                     f"{entry.get('bytes')} (cut short, damaged, or written by another save); "
+                                     f"{_fix(path)}.")
         if sha256_file(file) != entry.get("sha256"):
             raise DamagedResultError(f"{file} does not belong to this result: its checksum differs from the one "
                                      f"result.json recorded (an interrupted save, or a file changed or copied in "
