@@ -224,21 +224,21 @@ def test_file_from_another_run_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["empty", "truncated"])
-def test_damaged_files_name_the_file_and_the_fix(model, tmp_path, damage):
-    """#15: an empty or cut-short result.json, anchors.npz or tensor file gives one clear error naming it
-    (before: raw JSONDecodeError / BadZipFile / EOFError)."""
-    cases = {"decomposition": (decomposition(0), ["result.json", "anchors.npz", "anchors.csv"]),
-             "jacobian": (detached_jacobian(model, IDS), ["result.json", "tensors.safetensors"])}
-    for name, (result, files) in cases.items():
-        for file in files:
-            path = result.save(tmp_path / f"{name}-{file}")
-            target = path / file if path.is_dir() else path
-            data = target.read_bytes()
-            target.write_bytes(b"" if damage == "empty" else data[: len(data) // 2])
-            with pytest.raises(ValueError) as err:
-                type(result).load(path)
-            message = str(err.value)
-            assert file in message and ("re-run" in message and "delete" in message), message
+@pytest.mark.parametrize("kind, file", [("decomposition", "result.json"), ("decomposition", "anchors.npz"),
+                                        ("decomposition", "anchors.csv"), ("jacobian", "result.json"),
+                                        ("jacobian", "tensors.safetensors")])
+def test_damaged_files_name_the_file_and_the_fix(model, tmp_path, kind, file, damage):
+    """#15: an empty or cut-short result.json, anchors.npz or tensor file (the .pt before) gives one clear
+    error naming it (before: raw JSONDecodeError / BadZipFile / EOFError, or nothing for anchors.csv)."""
+    result = decomposition(0) if kind == "decomposition" else detached_jacobian(model, IDS)
+    path = result.save(tmp_path / "run")
+    target = path / file if path.is_dir() else path
+    data = target.read_bytes()
+    target.write_bytes(b"" if damage == "empty" else data[: len(data) // 2])
+    with pytest.raises(ValueError) as err:
+        type(result).load(path)
+    message = str(err.value)
+    assert file in message and "re-run" in message and "delete" in message, message
 
 
 def test_save_refuses_to_replace_a_folder_that_is_not_a_result(tmp_path):
