@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import ctypes
+import glob
 import os
 import shutil
 import socket
@@ -98,7 +99,7 @@ def remove_stale_temporaries(folder: str | Path, name: str = "*", max_age_s: flo
     if not folder.is_dir():
         return []
     removed = []
-    for tmp in folder.glob(f".{name}.tmp-*"):
+    for tmp in folder.glob(".*.tmp-*" if name == "*" else f".{glob.escape(name)}.tmp-*"):
         if is_stale(tmp, max_age_s):
             if tmp.is_dir() and not tmp.is_symlink():
                 shutil.rmtree(tmp, ignore_errors=True)

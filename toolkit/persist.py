@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import datetime
+import glob
 import hashlib
 import importlib
 import json
@@ -305,7 +306,7 @@ def read_meta(path: str | Path, noun: str = "saved result") -> dict[str, Any]:
                          f"in the current format).")
     meta_path = path / RESULT_FILE
     if not meta_path.is_file():
-        leftovers = sorted(p.name for p in path.parent.glob(f".{path.name}.tmp-*")) if path.parent.is_dir() else []
+        leftovers = sorted(p.name for p in path.parent.glob(f".{glob.escape(path.name)}.tmp-*")) if path.parent.is_dir() else []
         hint = (f"; {', '.join(leftovers)} beside it is an unfinished save (its run was interrupted): re-run it"
                 if leftovers else "")
         what = "does not exist" if not path.exists() else f"holds no {noun} (no {RESULT_FILE})"
