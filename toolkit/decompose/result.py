@@ -29,13 +29,19 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from toolkit.decompose.statistics import mean_rho_with_ci, regimes, spearman_with_ci
+from toolkit.decompose.views import DecompositionViews
 from toolkit.persist import Parts, SavedResult, read_npz
 
 KIND = "toolkit.decompose.DecompositionResult"
 
 
 @dataclass
-class DecompositionResult(SavedResult):
+class DecompositionResult(DecompositionViews, SavedResult):
+    """Per-anchor measurements of a decomposition run, their summaries, and its settings.
+
+    Views (figures, tables, the report) come from :class:`~toolkit.decompose.views.DecompositionViews`.
+    """
+
     settings: dict
     anchors: dict[str, np.ndarray]
     layer_summary: list[dict] = field(default_factory=list)
