@@ -1,6 +1,6 @@
 """``python -m toolkit jacobian``: detached Jacobian of one prompt, its SVD, decoded tokens, a report.
 
-Outputs in ``--out`` (default ``runs/jacobian``): ``jacobian.json``, ``detached_jacobian.pt`` and
+Outputs in ``--out`` (default ``runs/jacobian``): ``jacobian.json``, ``detached_jacobian/`` and
 ``report.html`` (see :func:`toolkit.jacobian.run.run_jacobian`).
 
 Example:

@@ -1,6 +1,6 @@
 """``python -m toolkit steer``: steer a continuation with a concept prompt's detached Jacobian (eq. 16).
 
-Outputs in ``--out`` (default ``runs/steer``): ``steering.json`` (``SteeringResult.load``-able: both
+Outputs in ``--out`` (default ``runs/steer``): ``steering/`` (``toolkit.load``-able: both
 continuations per ``(layer, λ)``, token ids, tracked-token log-probabilities per step, settings) and
 ``report.html`` (the λ × layer comparison figure and a table). Several ``--lam`` values (and several
 ``--layer`` values, e.g. ``20,25``) make a sweep.
@@ -75,11 +75,11 @@ def run(args: argparse.Namespace) -> int:
     lams = parse_floats(args.lam)
     layers = parse_ints(args.layer)
     model = load_model(args)
-    result = steering_sweep(model, args.concept, args.prompt, layers, lams, args.max_new_tokens,
+    result = steering_sweep(model, args.concept, args.prompt, at=layers, lams=lams, max_new_tokens=args.max_new_tokens,
                             operator=args.operator, concept_tokens=args.track or None, use_cache=not args.no_cache)
     out = Path(args.out)
-    result.save(out / "steering.json")
+    result.save(out / "steering")
     result.report(out / "report.html")
     print(format_summary(result))
-    print(f"wrote {out / 'steering.json'}, {out / 'report.html'}")
+    print(f"wrote {out / 'steering'}, {out / 'report.html'}")
     return 0

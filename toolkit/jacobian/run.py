@@ -5,7 +5,7 @@
 
 * ``jacobian.json`` — reconstruction errors (detached and ordinary), stable ranks, singular
   values and decoded tokens per position;
-* ``detached_jacobian.pt`` — the :class:`~toolkit.jacobian.result.DetachedJacobian` (``.load``-able);
+* ``detached_jacobian/`` — the :class:`~toolkit.jacobian.result.DetachedJacobian` (``toolkit.load``-able);
 * ``report.html`` — one self-contained page with the figures.
 
 Example:
@@ -78,7 +78,7 @@ def run_jacobian(model, prompt: str = DEFAULT_PROMPT, target: str | int = "outpu
     timings = {"detached_and_ordinary_s": time.perf_counter() - t0}
     analysis = analyze_with_model(det, model, top_k=top_k, n_vectors=n_vectors)
     out.mkdir(parents=True, exist_ok=True)
-    det.save(out / "detached_jacobian.pt")
+    det.save(out / "detached_jacobian")
 
     summary = {"model": model.info.model_id, "backend": model.name, "prompt": prompt,
                "str_tokens": analysis.str_tokens, "target": target,
