@@ -41,19 +41,15 @@ def check_jacobian_settings(*, top_k: int = 5, n_vectors: int = 3, chunk_size: i
 
 
 def jacobian_pair(model, ids, target: str | int, chunk_size: int = 64):
-    """Detached and ordinary Jacobians of ``target``: through the backend's own hooks for ``"output"``
-    and boundaries, on ``model.hf_model`` directly for components (the freeze is the same either way).
+    """Detached and ordinary Jacobians of ``target`` for one prompt (the path is chosen by target inside
+    :func:`~toolkit.jacobian.compute.detached_jacobian`; the freeze is the same either way).
 
     Example:
         >>> det, ordinary = jacobian_pair(model, model.to_tokens("Hi there")[0], "mlp.3")   # doctest: +SKIP
     """
     from toolkit.jacobian.compute import detached_jacobian
-    from toolkit.jacobian.through_backend import backend_jacobian
-    if target == "output" or isinstance(target, int):
-        return tuple(backend_jacobian(model, ids, target=target, detached=d, chunk_size=chunk_size)
-                     for d in (True, False))
-    return tuple(detached_jacobian(model.hf_model, ids, target=target, detached=d, chunk_size=chunk_size,
-                                   model_id=model.info.model_id) for d in (True, False))
+    return tuple(detached_jacobian(model, ids, target=target, detached=d, chunk_size=chunk_size)
+                 for d in (True, False))
 
 
 def run_jacobian(model, prompt: str = DEFAULT_PROMPT, target: str | int = "output", top_k: int = 5,
