@@ -4,7 +4,10 @@ Stages: collect hidden-state pairs for train and test texts (cached), fit a loca
 map around every test anchor at every chosen layer, measure the geometry of the residual,
 replace ``h_{l+1}`` by ``T(h_l)`` at each anchor and measure the KL of the next-token
 distribution (cached fast path), plus two controls: an equal-norm perturbation in a random
-direction, and a global MLP as the nonlinear tokenwise comparison.
+direction, and a global MLP as the nonlinear tokenwise comparison. With ``controls`` (default) every
+result also carries the null models (:mod:`toolkit.decompose.baselines`: identity, with its KL from
+the same intervention pass, mean update, global ridge map, random neighbourhoods), the size
+controls (:mod:`toolkit.decompose.controls`) and the verdict table (:mod:`toolkit.decompose.verdicts`).
 
 Example:
     >>> import toolkit
@@ -26,6 +29,7 @@ from toolkit.backends.base import Backend
 from toolkit.collection.from_corpus import collect_from_corpus
 from toolkit.collection.pairs import CollectedStates, kv_cache_bytes
 from toolkit.data import Corpus
+from toolkit.decompose.baselines import MASSIVE_FACTOR, baseline_columns
 from toolkit.decompose.function_classes import FORMS, FUNCTION_CLASSES, MLPMap, fit_mlps, fit_tokenwise
 from toolkit.decompose.geometry import tokenwise_geometry
 from toolkit.decompose.interventions import patched_kl
@@ -111,7 +115,9 @@ def decompose(model: Backend, corpus: str | Corpus = "embedded", *, layers: Sequ
               seed: int = 0, compare_mlp: bool = True, mlp_steps: int = 300, random_control: bool = True,
               kl_positions: Literal["next", "later"] = "next", sweep_layer: int | None = None,
               sweep_k: Sequence[int] = (), sweep_rank: Sequence[int] = (), batch_size: int = 8,
-              n_boot: int = 1000, progress: bool = True, use_cache: bool = True) -> DecompositionResult:
+              n_boot: int = 1000, progress: bool = True, use_cache: bool = True, controls: bool = True,
+              split: Literal["document", "text"] = "document", min_position: int = 1,
+              massive_factor: float = MASSIVE_FACTOR) -> DecompositionResult:
     """Run the tokenwise decomposition of layer updates (defaults: the paper's setup, appendix A.2).
 
     Args:
@@ -121,6 +127,13 @@ def decompose(model: Backend, corpus: str | Corpus = "embedded", *, layers: Sequ
         random_control: also measure KL for an equal-norm random perturbation of ``h_{l+1}``.
         sweep_layer, sweep_k, sweep_rank: Figure 5's sweeps at one layer (default: the middle one).
         use_cache: reuse (and write) the on-disk cache of collected states.
+        controls: also compute the baselines, size controls and the verdict table (see the module docstring).
+        split: ``"document"`` (default: no corpus document feeds both train and test) or ``"text"``
+            (by chunk: windows of one article can land on both sides, which flatters the test errors).
+        min_position: first sampled position; the default 1 leaves out the first token (an attention
+            sink); raise it to leave out more of each text's first positions.
+        massive_factor: anchors whose ``max(||h_l||, ||h_{l+1}||)`` exceeds this multiple of the layer's
+            median are flagged ``massive`` (summaries are reported with and without them).
     """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -136,12 +149,14 @@ def decompose(model: Backend, corpus: str | Corpus = "embedded", *, layers: Sequ
     keep_kv = kl_positions == "next" and kv_cache_bytes(model, n_test, seq_len) <= 2 ** 30
     train, test = collect_from_corpus(model, corpus, n_train=n_train, n_test=n_test, seq_len=seq_len,
                                       per_text=per_text, layers=need, seed=seed, batch_size=batch_size,
-                                      progress=progress, use_cache=use_cache, keep_test_kv_cache=keep_kv)
+                                      progress=progress, use_cache=use_cache, keep_test_kv_cache=keep_kv,
+                                      split=split, min_position=min_position)
     timings["collect_s"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
     columns: dict[str, list] = {}
     values: dict[tuple, torch.Tensor] = {}
+    ridge: dict[int, dict] = {}
     base = _token_columns(model, test)
     mlps = _fit_layer_mlps(train, layers, mlp_steps, seed, progress) if compare_mlp else {}
     for layer in tqdm(layers, desc="fit tokenwise maps", disable=not progress, unit="layer"):
@@ -150,6 +165,13 @@ def decompose(model: Backend, corpus: str | Corpus = "embedded", *, layers: Sequ
         if random_control:
             values[("random", layer + 1)] = _random_same_norm(y, y - fit.predictions, seed + layer)
         row = {"layer": np.full(len(x), layer)} | base | {_column(n): v.numpy() for n, v in geom.as_dict().items()}
+        if controls:
+            X, Y = train.pairs(layer)
+            cols, ridge[layer] = baseline_columns(X, Y, x, y, fit.predictions, function_class=function_class,
+                                                  form=form, k=k, rank=rank, train_groups=train.text_index,
+                                                  massive_factor=massive_factor, seed=seed + layer)
+            row |= cols
+            values[("identity", layer + 1)] = x          # skip the block's update at the anchor
         if compare_mlp:
             X, Y = train.pairs(layer)
             mlp = fit_tokenwise(X, Y, x, "mlp", form="update", keep_singular=0, mlp=mlps[layer])
@@ -170,6 +192,8 @@ def decompose(model: Backend, corpus: str | Corpus = "embedded", *, layers: Sequ
         columns["kl_random"] = [np.full(test.positions.numel(), np.nan) for _ in layers]
     if compare_mlp:
         columns["kl_mlp"] = [kl[("mlp", l + 1)].numpy() for l in layers]
+    if controls:
+        columns["kl_identity"] = [kl[("identity", l + 1)].numpy() for l in layers]
     anchors = {name: np.concatenate(parts) for name, parts in columns.items()}
 
     settings = {"model_id": model.info.model_id, "backend": model.name, "architecture": model.info.architecture,
@@ -177,7 +201,12 @@ def decompose(model: Backend, corpus: str | Corpus = "embedded", *, layers: Sequ
                 "corpus": corpus if isinstance(corpus, str) else corpus.name, "layers": layers,
                 "function_class": function_class, "form": form, "k": k, "rank": rank, "n_train": n_train,
                 "n_test": n_test, "seq_len": seq_len, "per_text": per_text, "seed": seed,
-                "kl_positions": kl_positions, "compare_mlp": compare_mlp, "mlp_steps": mlp_steps}
+                "kl_positions": kl_positions, "compare_mlp": compare_mlp, "mlp_steps": mlp_steps,
+                "split": split, "min_position": min_position, "controls": controls}
+    if controls:
+        settings["baselines"] = {"massive_factor": massive_factor, "random_neighbourhoods": "same class, k random "
+                                 "training rows", "global_map": "ridge affine map of the update, penalty chosen on "
+                                 "20% held-out training texts", "ridge": {str(l): r for l, r in ridge.items()}}
     result = DecompositionResult.build(settings, anchors, n_boot=n_boot)
     t3 = time.perf_counter()
     if sweep_k or sweep_rank:
