@@ -175,4 +175,4 @@ def baseline_columns(train_X: Tensor, train_Y: Tensor, x: Tensor, y: Tensor, pre
         cols[f"abs_cos_res_tok_{name}"] = cosine(yd - preds[name], t).abs()
     out = {name: v.float().numpy() for name, v in cols.items()}
     out["massive"] = massive_flags(xd, yd, massive_factor).numpy()
-    return out, {"ridge_alpha": ridge.alpha, "ridge_heldout_err": ridge.heldout_err}
+    return out, {"ridge_alpha": ridge.alpha, "ridge_heldout_err": {f"{s:g}": e for s, e in ridge.heldout_err.items()}}

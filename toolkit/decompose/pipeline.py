@@ -30,7 +30,7 @@ from toolkit.collection.from_corpus import collect_from_corpus
 from toolkit.collection.pairs import CollectedStates, kv_cache_bytes
 from toolkit.data import Corpus
 from toolkit.decompose.baselines import MASSIVE_FACTOR, baseline_columns
-from toolkit.decompose.function_classes import FORMS, FUNCTION_CLASSES, MLPMap, fit_mlps, fit_tokenwise
+from toolkit.decompose.function_classes import FORMS, FUNCTION_CLASSES, LocalFit, MLPMap, fit_mlps, fit_tokenwise
 from toolkit.decompose.geometry import tokenwise_geometry
 from toolkit.decompose.interventions import patched_kl
 from toolkit.decompose.result import DecompositionResult
@@ -84,6 +84,33 @@ def fit_layer(train: CollectedStates, test: CollectedStates, layer: int, functio
     Xq, Yq = test.pairs(layer)
     fit = fit_tokenwise(X, Y, Xq, function_class, k=k, form=form, rank=rank)
     return fit, tokenwise_geometry(Xq, Yq, fit), Xq, Yq
+
+
+def anchor_columns(train_X: torch.Tensor, train_Y: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                   function_class: str, form: str, k: int, rank: int | None, *, controls: bool = True,
+                   train_groups: torch.Tensor | None = None, massive_factor: float = MASSIVE_FACTOR,
+                   seed: int = 0) -> tuple[dict[str, np.ndarray], LocalFit, dict]:
+    """One layer's per-anchor columns from tensors (no model): the fit's geometry and, with ``controls``,
+    the baselines (:func:`toolkit.decompose.baselines.baseline_columns`).
+
+    Args: training pairs ``[N, d]``, test anchors ``x, y`` ``[M, d]``; the rest as in :func:`decompose`.
+    Returns: ``(columns, fit, ridge info)``; the columns are named as in :mod:`toolkit.decompose.result`.
+
+    Example:
+        >>> X = torch.randn(300, 8, dtype=torch.float64); Y = X + 0.1 * torch.tanh(X)
+        >>> cols, fit, _ = anchor_columns(X[:250], Y[:250], X[250:], Y[250:], "lowrank", "update", 32, 8)
+        >>> cols["rel_err"].shape, "rel_err_global" in cols
+        ((50,), True)
+    """
+    fit = fit_tokenwise(train_X, train_Y, x, function_class, k=k, form=form, rank=rank)
+    cols = {_column(n): v.numpy() for n, v in tokenwise_geometry(x, y, fit).as_dict().items()}
+    info: dict = {}
+    if controls:
+        extra, info = baseline_columns(train_X, train_Y, x, y, fit.predictions, function_class=function_class,
+                                       form=form, k=k, rank=rank, train_groups=train_groups,
+                                       massive_factor=massive_factor, seed=seed)
+        cols |= extra
+    return cols, fit, info
 
 
 def _kept_caches(model: Backend, test: CollectedStates) -> dict:
@@ -160,18 +187,16 @@ def decompose(model: Backend, corpus: str | Corpus = "embedded", *, layers: Sequ
     base = _token_columns(model, test)
     mlps = _fit_layer_mlps(train, layers, mlp_steps, seed, progress) if compare_mlp else {}
     for layer in tqdm(layers, desc="fit tokenwise maps", disable=not progress, unit="layer"):
-        fit, geom, x, y = fit_layer(train, test, layer, function_class, form, k, rank)
+        (X, Y), (x, y) = train.pairs(layer), test.pairs(layer)
+        cols, fit, ridge[layer] = anchor_columns(X, Y, x, y, function_class, form, k, rank, controls=controls,
+                                                 train_groups=train.text_index, massive_factor=massive_factor,
+                                                 seed=seed + layer)
         values[("linear", layer + 1)] = fit.predictions
         if random_control:
             values[("random", layer + 1)] = _random_same_norm(y, y - fit.predictions, seed + layer)
-        row = {"layer": np.full(len(x), layer)} | base | {_column(n): v.numpy() for n, v in geom.as_dict().items()}
         if controls:
-            X, Y = train.pairs(layer)
-            cols, ridge[layer] = baseline_columns(X, Y, x, y, fit.predictions, function_class=function_class,
-                                                  form=form, k=k, rank=rank, train_groups=train.text_index,
-                                                  massive_factor=massive_factor, seed=seed + layer)
-            row |= cols
             values[("identity", layer + 1)] = x          # skip the block's update at the anchor
+        row = {"layer": np.full(len(x), layer)} | base | cols
         if compare_mlp:
             X, Y = train.pairs(layer)
             mlp = fit_tokenwise(X, Y, x, "mlp", form="update", keep_singular=0, mlp=mlps[layer])

@@ -122,10 +122,16 @@ def _shift(d: dict, by: float) -> tuple[float, float]:
     return (d["ci_low"] - by, d["ci_high"] - by)
 
 
+def _number(v) -> float | None:
+    """A finite float, or None (JSON null: a NaN would not compare equal to itself after reloading)."""
+    return None if v is None or not np.isfinite(v) else float(v)
+
+
 def _row(name: str, value: dict, strong_value: float | None, verdict_: str, control_name: str) -> dict:
     return {"claim": RULES[name]["claim"], "key": name, "measure": RULES[name]["measure"],
-            "value": value.get("mean", value.get("rho")), "ci_low": value["ci_low"], "ci_high": value["ci_high"],
-            "strongest_control": control_name, "control_value": strong_value, "verdict": verdict_}
+            "value": _number(value.get("mean", value.get("rho"))), "ci_low": _number(value["ci_low"]),
+            "ci_high": _number(value["ci_high"]), "strongest_control": control_name,
+            "control_value": _number(strong_value), "verdict": verdict_}
 
 
 def _best(a: dict, names: list[str], lower: bool) -> str | None:
