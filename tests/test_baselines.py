@@ -8,6 +8,7 @@ import torch
 from toolkit.decompose.baselines import fit_global_ridge
 from toolkit.decompose.controls import chance_abs_cos, partial_spearman
 from toolkit.decompose.pipeline import anchor_columns, decompose
+from toolkit.decompose.report import write_decomposition_report
 from toolkit.decompose.result import DecompositionResult
 from toolkit.decompose.verdicts import RULES
 
@@ -154,3 +155,5 @@ def test_pipeline_on_smollm2_carries_baselines_and_verdicts(smollm2_nnsight, tmp
     assert back.verdicts == result.verdicts and back.controls == result.controls
     assert back.settings["verdict_rules"] == result.settings["verdict_rules"]
     np.testing.assert_array_equal(back.anchors["kl_identity"], a["kl_identity"])
+    html = write_decomposition_report(back, tmp_path / "report.html").read_text()
+    assert "Do the claims survive the controls?" in html and "holds" in html and html.count("Plotly.newPlot") >= 10
