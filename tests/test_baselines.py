@@ -156,4 +156,4 @@ def test_pipeline_on_smollm2_carries_baselines_and_verdicts(smollm2_nnsight, tmp
     assert back.settings["verdict_rules"] == result.settings["verdict_rules"]
     np.testing.assert_array_equal(back.anchors["kl_identity"], a["kl_identity"])
     html = write_decomposition_report(back, tmp_path / "report.html").read_text()
-    assert "Do the claims survive the controls?" in html and "holds" in html and html.count("Plotly.newPlot") >= 10
+    assert "Do the claims survive the controls?" in html and "holds" in html and html.count("Plotly.newPlot") >= 9
