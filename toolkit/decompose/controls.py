@@ -160,7 +160,16 @@ def _covariates(a: dict, sel: np.ndarray) -> list[np.ndarray]:
 
 def layer_controls(a: dict, sel: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
     """The controls of one layer's anchors ``sel``: baselines beside the fitted map, robust summaries,
-    R², massive anchors, and the partial Spearman of RelErr and KL given the update's size."""
+    R², massive anchors, and the partial Spearman of RelErr and KL given the update's size.
+
+    Example:
+        >>> rng = np.random.default_rng(0); n = 60
+        >>> a = {"rel_err": rng.random(n), "kl": rng.random(n), "rel_err_identity": rng.random(n),
+        ...      "rel_err_mean_update": np.ones(n), "norm_y": np.ones(n), "massive": np.zeros(n, bool)}
+        >>> row = layer_controls(a, np.ones(n, bool), n_boot=50)
+        >>> row["r2"] < 1 and row["n_massive"] == 0 and -1 <= row["partial_rho"] <= 1
+        True
+    """
     row: dict = {}
     normal = sel & ~a["massive"].astype(bool)
     for name in ("rel_err", "kl", "update_err", "rel_err_identity", "kl_identity"):
@@ -188,7 +197,16 @@ def layer_controls(a: dict, sel: np.ndarray, n_boot: int = 1000, seed: int = 0) 
 
 def pooled_controls(a: dict, d: int, n_boot: int = 1000, seed: int = 0) -> dict:
     """Pooled controls over all layers: partial Spearman within layers, chance levels, robust
-    summaries with and without massive anchors, and the baselines' means."""
+    summaries with and without massive anchors, and the baselines' means.
+
+    Example:
+        >>> rng = np.random.default_rng(0); n = 60
+        >>> a = {"layer": np.arange(n) % 2, "rel_err": rng.random(n), "kl": rng.random(n),
+        ...      "rel_err_identity": rng.random(n), "massive": np.zeros(n, bool)}
+        >>> c = pooled_controls(a, d=576, n_boot=50)
+        >>> c["n_anchors"], round(c["chance_abs_cos"], 4)
+        (60, 0.0332)
+    """
     every = np.ones(a["layer"].size, bool)
     part = partial_spearman(a["rel_err"], a["kl"], _covariates(a, every), strata=a["layer"], n_boot=n_boot,
                             n_perm=n_boot, seed=seed)

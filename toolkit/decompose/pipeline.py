@@ -106,10 +106,12 @@ def anchor_columns(train_X: torch.Tensor, train_Y: torch.Tensor, x: torch.Tensor
     cols = {_column(n): v.numpy() for n, v in tokenwise_geometry(x, y, fit).as_dict().items()}
     info: dict = {}
     if controls:
+        t0 = time.perf_counter()
         extra, info = baseline_columns(train_X, train_Y, x, y, fit.predictions, function_class=function_class,
                                        form=form, k=k, rank=rank, train_groups=train_groups,
                                        massive_factor=massive_factor, seed=seed)
         cols |= extra
+        info["seconds"] = time.perf_counter() - t0
     return cols, fit, info
 
 
@@ -205,6 +207,7 @@ def decompose(model: Backend, corpus: str | Corpus = "embedded", *, layers: Sequ
         for name, col in row.items():
             columns.setdefault(name, []).append(col)
     timings["fit_s"] = time.perf_counter() - t1
+    timings["controls_fit_s"] = sum(r.pop("seconds", 0.0) for r in ridge.values())   # part of fit_s
 
     t2 = time.perf_counter()
     kl = patched_kl(model, test.tokens, test.positions, values, kl_positions=kl_positions, batch_size=batch_size,
@@ -232,7 +235,9 @@ def decompose(model: Backend, corpus: str | Corpus = "embedded", *, layers: Sequ
         settings["baselines"] = {"massive_factor": massive_factor, "random_neighbourhoods": "same class, k random "
                                  "training rows", "global_map": "ridge affine map of the update, penalty chosen on "
                                  "20% held-out training texts", "ridge": {str(l): r for l, r in ridge.items()}}
+    t_sum = time.perf_counter()
     result = DecompositionResult.build(settings, anchors, n_boot=n_boot)
+    timings["summaries_s"] = time.perf_counter() - t_sum          # bootstraps, permutations, verdicts
     t3 = time.perf_counter()
     if sweep_k or sweep_rank:
         result.sweeps = run_sweeps(model, train, test, sweep_layer, function_class, form, k, rank, sweep_k,

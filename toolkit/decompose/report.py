@@ -54,7 +54,8 @@ def controls_text(result) -> str:
             f"{s.get('baselines', {}).get('massive_factor', '?')}x the layer median). Pooled within layers: "
             f"rho(RelErr, KL) {part['plain_rho']:.3f}, partial rho given the update's relative size and the "
             f"identity's KL {part['rho']:.3f} [{part['ci_low']:.3f}, {part['ci_high']:.3f}], permutation "
-            f"p = {part['p_perm']:.4f}. Verdict rules version {s['verdict_rules']['version']}, fixed in "
+            f"p = {part['p_perm']:.4f}. The identity's tokenwise update is 0, so its cosines are undefined: "
+            f"its RelErr is the update's relative size. Verdict rules version {s['verdict_rules']['version']}, fixed in "
             f"toolkit/decompose/verdicts.py before any run and recorded in settings['verdict_rules'].")
 
 

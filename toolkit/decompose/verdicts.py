@@ -144,7 +144,21 @@ def _best(a: dict, names: list[str], lower: bool) -> str | None:
 
 
 def verdict_table(a: dict, model_summary: dict, controls: dict, d: int, n_boot: int = 1000) -> list[dict]:
-    """The verdict of every claim in :data:`RULES` for one result's anchors ``a`` and summaries."""
+    """The verdict of every claim in :data:`RULES` for one result's anchors ``a`` and summaries
+    (:meth:`DecompositionResult.summarise` calls it; ``d`` is the model width).
+
+    Example:
+        >>> import torch
+        >>> from toolkit.decompose.pipeline import anchor_columns
+        >>> from toolkit.decompose.result import DecompositionResult
+        >>> X = torch.randn(400, 8, dtype=torch.float64); Y = X + 0.3 * torch.tanh(2 * X)
+        >>> a, _, _ = anchor_columns(X[:300], Y[:300], X[300:], Y[300:], "lowrank", "update", 64, 8)
+        >>> a |= {"layer": np.zeros(100, int), "kl": a["rel_err"] ** 2, "kl_random": a["rel_err"],
+        ...       "kl_identity": a["rel_err_identity"] ** 2}
+        >>> table = DecompositionResult.build({"d_model": 8}, a, n_boot=100).verdicts
+        >>> len(table) == len(RULES), table[-1]["verdict"]
+        (True, 'not testable here')
+    """
     boot = dict(n_boot=n_boot)
     rows = []
 
