@@ -34,7 +34,7 @@ def chance_abs_cos(d: int) -> float:
 
     Example:
         >>> round(chance_abs_cos(2), 4), round(chance_abs_cos(576), 4)     # 2/π in the plane
-        (0.6366, 0.0332)
+        (0.6366, 0.0333)
     """
     return float(np.exp(special.gammaln(d / 2) - special.gammaln((d + 1) / 2)) / np.sqrt(np.pi))
 
@@ -205,7 +205,7 @@ def pooled_controls(a: dict, d: int, n_boot: int = 1000, seed: int = 0) -> dict:
         ...      "rel_err_identity": rng.random(n), "massive": np.zeros(n, bool)}
         >>> c = pooled_controls(a, d=576, n_boot=50)
         >>> c["n_anchors"], round(c["chance_abs_cos"], 4)
-        (60, 0.0332)
+        (60, 0.0333)
     """
     every = np.ones(a["layer"].size, bool)
     part = partial_spearman(a["rel_err"], a["kl"], _covariates(a, every), strata=a["layer"], n_boot=n_boot,
