@@ -32,7 +32,8 @@ import torch
 from torch import Tensor
 
 from toolkit.decompose.function_classes import LOCAL_CLASSES, fit_local_maps
-from toolkit.decompose.geometry import cosine, relative_error
+from toolkit.decompose.geometry import cosine
+from toolkit.metrics import relative_error
 
 __all__ = ["GlobalRidgeMap", "fit_global_ridge", "random_neighbourhoods", "massive_flags", "baseline_columns",
            "MASSIVE_FACTOR", "RIDGE_GRID"]
@@ -128,7 +129,7 @@ def massive_flags(x: Tensor, y: Tensor, factor: float = MASSIVE_FACTOR) -> Tenso
 
 def _update_err(x: Tensor, y: Tensor, pred: Tensor) -> Tensor:
     """``||Δ - Δ̂|| / ||Δ||`` = ``||y - T(x)|| / ||y - x||`` per row."""
-    return relative_error(y - x, pred - x)
+    return relative_error(pred - x, y - x, dim=-1)
 
 
 def baseline_columns(train_X: Tensor, train_Y: Tensor, x: Tensor, y: Tensor, prediction: Tensor, *,
@@ -165,9 +166,9 @@ def baseline_columns(train_X: Tensor, train_Y: Tensor, x: Tensor, y: Tensor, pre
         preds["random_nb"] = rnd.predictions.double()
     u = yd - xd
     cols = {"norm_x": xd.norm(dim=1), "norm_y": yd.norm(dim=1), "norm_update": u.norm(dim=1),
-            "rel_err_identity": relative_error(yd, xd), "update_err": _update_err(xd, yd, pred)}
+            "rel_err_identity": relative_error(xd, yd, dim=-1), "update_err": _update_err(xd, yd, pred)}
     for name, p in preds.items():
-        cols[f"rel_err_{name}"] = relative_error(yd, p)
+        cols[f"rel_err_{name}"] = relative_error(p, yd, dim=-1)
         cols[f"update_err_{name}"] = _update_err(xd, yd, p)
     for name in ("mean_update", "global"):
         t = preds[name] - xd
