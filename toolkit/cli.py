@@ -92,6 +92,9 @@ def cmd_decompose(args: argparse.Namespace) -> int:
     result.save(out)
     write_decomposition_report(result, out / "report.html")
     print(format_table(summary_rows(result)))
+    if result.verdicts:
+        from toolkit.decompose.report import verdict_rows
+        print("Do the claims survive the controls?\n" + format_table(verdict_rows(result)))
     pooled = result.model_summary["rho_pooled"]
     print(f"pooled rho {pooled['rho']:.3f} [{pooled['ci_low']:.3f}, {pooled['ci_high']:.3f}]; timings "
           f"{result.settings['timings']}\nwrote {out}/result.json, anchors.csv, anchors.npz, report.html")

@@ -22,19 +22,23 @@ from toolkit.data import Corpus, chunk_corpus, load_corpus, sample_positions, sp
 def collect_from_corpus(model: Backend, corpus: str | Corpus = "embedded", *, n_train: int = 2000,
                         n_test: int = 500, seq_len: int = 192, per_text: int = 8, layers: Sequence[int] | None = None,
                         seed: int = 0, batch_size: int = 8, progress: bool = True, use_cache: bool = True,
-                        keep_test_kv_cache: bool = False) -> tuple[CollectedStates, CollectedStates]:
+                        keep_test_kv_cache: bool = False, split: str = "text",
+                        min_position: int = 1) -> tuple[CollectedStates, CollectedStates]:
     """Collect train and test hidden states (separate texts) for the pairs of blocks ``layers``.
 
+    ``split``: ``"text"`` or ``"document"`` (no document on both sides), see :func:`split_texts`.
+    ``min_position``: the first position sampled (1 skips the first token, an attention sink).
     ``keep_test_kv_cache``: keep the test texts' attention caches (see :func:`collect_hidden_states`).
     """
     corpus = load_corpus(corpus) if isinstance(corpus, str) else corpus
     # All texts, so the seeded split draws from the whole corpus rather than its first documents.
     texts = chunk_corpus(corpus, model.tokenizer, seq_len=seq_len, n_ctx=model.n_ctx)
-    train_texts, test_texts = split_texts(texts, n_train, n_test, seed=seed)
+    train_texts, test_texts = split_texts(texts, n_train, n_test, seed=seed, by=split)
     out = []
     for part, tokens in (("train", train_texts.tokens), ("test", test_texts.tokens)):
         # Different seeds per part so train and test positions are drawn independently.
-        positions = sample_positions(tokens.shape[0], seq_len, per_text=per_text, seed=seed + (part == "test"))
+        positions = sample_positions(tokens.shape[0], seq_len, per_text=per_text, seed=seed + (part == "test"),
+                                     min_position=min_position)
         out.append(collect_hidden_states(model, tokens, positions, layers=layers, batch_size=batch_size,
                                          progress=progress, use_cache=use_cache,
                                          keep_kv_cache=keep_test_kv_cache and part == "test"))
