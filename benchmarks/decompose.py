@@ -58,7 +58,8 @@ def run(out_dir: Path, n_train: int = 256, n_test: int = 64, seq_len: int = 192,
                                     for stage in ("collect", "fit", "interventions")]
     rows.append({"route": "pipeline: total (all layers, k=64, r=64, 8 positions/text)", "seconds": t["total_s"]})
     total = rows[-1]
-    n_interventions = len(result.anchors["kl"]) * (3 if result.settings["compare_mlp"] else 2)
+    variants = 2 + result.settings["compare_mlp"] + result.settings.get("controls", False)   # + identity
+    n_interventions = len(result.anchors["kl"]) * variants
 
     # Plain vs fast on the same subset of interventions (cache hit: the states are collected above).
     train, test = collect_from_corpus(model, "wikitext-test", n_train=n_train, n_test=n_test, seq_len=seq_len,

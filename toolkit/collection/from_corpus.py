@@ -41,9 +41,12 @@ def check_collection_settings(*, n_train: int, n_test: int, seq_len: int, per_te
 def collect_from_corpus(model: Backend, corpus: str | Corpus = "embedded", *, n_train: int = 2000,
                         n_test: int = 500, seq_len: int = 192, per_text: int = 8, layers: Sequence[int] | None = None,
                         seed: int = 0, batch_size: int = 8, progress: bool = True, use_cache: bool = True,
-                        keep_test_kv_cache: bool = False) -> tuple[CollectedStates, CollectedStates]:
+                        keep_test_kv_cache: bool = False, split: str = "text",
+                        min_position: int = 1) -> tuple[CollectedStates, CollectedStates]:
     """Collect train and test hidden states (separate texts) for the pairs of blocks ``layers``.
 
+    ``split``: ``"text"`` or ``"document"`` (no document on both sides), see :func:`split_texts`.
+    ``min_position``: the first position sampled (1 skips the first token, an attention sink).
     ``keep_test_kv_cache``: keep the test texts' attention caches (see :func:`collect_hidden_states`).
     """
     check_collection_settings(n_train=n_train, n_test=n_test, seq_len=seq_len, per_text=per_text,
@@ -51,11 +54,12 @@ def collect_from_corpus(model: Backend, corpus: str | Corpus = "embedded", *, n_
     corpus = load_corpus(corpus) if isinstance(corpus, str) else corpus
     # All texts, so the seeded split draws from the whole corpus rather than its first documents.
     texts = chunk_corpus(corpus, model.tokenizer, seq_len=seq_len, n_ctx=model.n_ctx)
-    train_texts, test_texts = split_texts(texts, n_train, n_test, seed=seed)
+    train_texts, test_texts = split_texts(texts, n_train, n_test, seed=seed, by=split)
     out = []
     for part, tokens in (("train", train_texts.tokens), ("test", test_texts.tokens)):
         # Different seeds per part so train and test positions are drawn independently.
-        positions = sample_positions(tokens.shape[0], seq_len, per_text=per_text, seed=seed + (part == "test"))
+        positions = sample_positions(tokens.shape[0], seq_len, per_text=per_text, seed=seed + (part == "test"),
+                                     min_position=min_position)
         out.append(collect_hidden_states(model, tokens, positions, layers=layers, batch_size=batch_size,
                                          progress=progress, use_cache=use_cache,
                                          keep_kv_cache=keep_test_kv_cache and part == "test"))

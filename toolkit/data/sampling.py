@@ -24,7 +24,10 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
-__all__ = ["split_texts", "sample_positions"]
+__all__ = ["split_texts", "sample_positions", "SPLITS"]
+
+#: How :func:`split_texts` keeps train and test apart: by text (chunk) or by source document.
+SPLITS = ("text", "document")
 
 T = TypeVar("T")
 
@@ -38,20 +41,33 @@ def _take(texts: T, idx: Tensor) -> T:
     return [texts[i] for i in idx.tolist()]  # any other sequence -> list
 
 
-def split_texts(texts: T, n_train: int, n_test: int, seed: int = 0) -> tuple[T, T]:
+def split_texts(texts: T, n_train: int, n_test: int, seed: int = 0, by: str = "text") -> tuple[T, T]:
     """Shuffle texts with a seeded generator and split them by text into train and test.
 
     ``texts`` is a :class:`~toolkit.data.chunking.TokenizedTexts`, a ``[n_texts, seq_len]``
     tensor or a sequence; both parts come back as the same kind. Train takes the first
     ``n_train`` of a seeded permutation and test the next ``n_test``, so the two never share
     a text and a larger ``n_test`` only adds texts. Each part is in ascending original order.
-    The split is by text, not by document: texts from one document can land on both sides.
+    With ``by="text"`` the split is by text (chunk): windows of one document can land on both
+    sides, which makes test texts easier than new documents would be. ``by="document"`` (needs
+    a :class:`~toolkit.data.chunking.TokenizedTexts`, which knows each text's ``doc_index``)
+    shuffles the documents instead and gives test the texts of whole documents until it has
+    ``n_test`` of them (then a seeded subset), train a seeded subset of the texts of the other
+    documents: no document feeds both sides.
 
     Example:
         >>> train, test = split_texts(torch.arange(10)[:, None].expand(10, 4), n_train=6, n_test=2, seed=0)
         >>> train.shape, test.shape
         (torch.Size([6, 4]), torch.Size([2, 4]))
+        >>> from toolkit.data.chunking import TokenizedTexts
+        >>> texts = TokenizedTexts(torch.arange(12).view(6, 2), torch.tensor([0, 0, 1, 1, 2, 2]),
+        ...                        torch.zeros(6, dtype=torch.long), 2, False, "demo")
+        >>> train, test = split_texts(texts, n_train=4, n_test=2, by="document")
+        >>> set(train.doc_index.tolist()) & set(test.doc_index.tolist())
+        set()
     """
+    if by not in SPLITS:
+        raise ValueError(f"by must be one of {SPLITS}, got {by!r}.")
     for name, value in (("n_train", n_train), ("n_test", n_test)):
         if not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
@@ -64,9 +80,33 @@ def split_texts(texts: T, n_train: int, n_test: int, seed: int = 0) -> tuple[T, 
         at = f" at seq_len {seq_len}" if seq_len is not None else ""
         raise ValueError(f"need n_train + n_test = {need} texts, the corpus gives {n}{at}; "
                          f"lower the counts or seq_len or use a larger corpus.")
+    if by == "document":
+        return _split_by_document(texts, n_train, n_test, seed)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     train_idx = perm[:n_train].sort().values
     test_idx = perm[n_train:need].sort().values
+    return _take(texts, train_idx), _take(texts, test_idx)
+
+
+def _split_by_document(texts, n_train: int, n_test: int, seed: int):
+    doc = getattr(texts, "doc_index", None)
+    if doc is None:
+        raise ValueError("split by='document' needs TokenizedTexts (chunk_corpus's output, which records each "
+                         "text's document); for a plain tensor or list use by='text'.")
+    g = torch.Generator().manual_seed(seed)
+    docs = doc.unique()
+    order = docs[torch.randperm(docs.numel(), generator=g)]
+    counts = torch.bincount(doc)[order]
+    n_test_docs = int((counts.cumsum(0) < n_test).sum()) + (1 if n_test > 0 else 0)
+    test_docs = order[:n_test_docs]
+    in_test = torch.isin(doc, test_docs)
+    test_pool, train_pool = in_test.nonzero()[:, 0], (~in_test).nonzero()[:, 0]
+    if test_pool.numel() < n_test or train_pool.numel() < n_train:
+        raise ValueError(f"split by document: the corpus's {docs.numel()} documents give {test_pool.numel()} test "
+                         f"and {train_pool.numel()} train texts, short of n_test={n_test} / n_train={n_train}; "
+                         f"lower the counts or seq_len, or split by text (split='text').")
+    test_idx = test_pool[torch.randperm(test_pool.numel(), generator=g)[:n_test]].sort().values
+    train_idx = train_pool[torch.randperm(train_pool.numel(), generator=g)[:n_train]].sort().values
     return _take(texts, train_idx), _take(texts, test_idx)
 
 

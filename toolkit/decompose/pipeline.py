@@ -4,7 +4,10 @@ Stages: collect hidden-state pairs for train and test texts (cached), fit a loca
 map around every test anchor at every chosen layer, measure the geometry of the residual,
 replace ``h_{l+1}`` by ``T(h_l)`` at each anchor and measure the KL of the next-token
 distribution (cached fast path), plus two controls: an equal-norm perturbation in a random
-direction, and a global MLP as the nonlinear tokenwise comparison.
+direction, and a global MLP as the nonlinear tokenwise comparison. With ``controls`` (default) every
+result also carries the null models (:mod:`toolkit.decompose.baselines`: identity, with its KL from
+the same intervention pass, mean update, global ridge map, random neighbourhoods), the size
+controls (:mod:`toolkit.decompose.controls`) and the verdict table (:mod:`toolkit.decompose.verdicts`).
 
 Example:
     >>> import toolkit
@@ -28,7 +31,8 @@ from toolkit.checks import positive_int
 from toolkit.collection.from_corpus import check_collection_settings, collect_from_corpus
 from toolkit.collection.pairs import CollectedStates, kv_cache_bytes
 from toolkit.data import Corpus
-from toolkit.decompose.function_classes import (FORMS, FUNCTION_CLASSES, MLPMap, effective_rank, fit_mlps,
+from toolkit.decompose.baselines import MASSIVE_FACTOR, baseline_columns
+from toolkit.decompose.function_classes import (FORMS, FUNCTION_CLASSES, LocalFit, MLPMap, effective_rank, fit_mlps,
                                               fit_tokenwise)
 from toolkit.decompose.geometry import tokenwise_geometry
 from toolkit.decompose.interventions import patched_kl
@@ -114,6 +118,35 @@ def fit_layer(train: CollectedStates, test: CollectedStates, layer: int, functio
     return fit, tokenwise_geometry(Xq, Yq, fit), Xq, Yq
 
 
+def anchor_columns(train_X: torch.Tensor, train_Y: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                   function_class: str, form: str, k: int, rank: int | None, *, controls: bool = True,
+                   train_groups: torch.Tensor | None = None, massive_factor: float = MASSIVE_FACTOR,
+                   seed: int = 0) -> tuple[dict[str, np.ndarray], LocalFit, dict]:
+    """One layer's per-anchor columns from tensors (no model): the fit's geometry and, with ``controls``,
+    the baselines (:func:`toolkit.decompose.baselines.baseline_columns`).
+
+    Args: training pairs ``[N, d]``, test anchors ``x, y`` ``[M, d]``; the rest as in :func:`decompose`.
+    Returns: ``(columns, fit, ridge info)``; the columns are named as in :mod:`toolkit.decompose.result`.
+
+    Example:
+        >>> X = torch.randn(300, 8, dtype=torch.float64); Y = X + 0.1 * torch.tanh(X)
+        >>> cols, fit, _ = anchor_columns(X[:250], Y[:250], X[250:], Y[250:], "lowrank", "update", 32, 8)
+        >>> cols["rel_err"].shape, "rel_err_global" in cols
+        ((50,), True)
+    """
+    fit = fit_tokenwise(train_X, train_Y, x, function_class, k=k, form=form, rank=rank)
+    cols = {_column(n): v.numpy() for n, v in tokenwise_geometry(x, y, fit).as_dict().items()}
+    info: dict = {}
+    if controls:
+        t0 = time.perf_counter()
+        extra, info = baseline_columns(train_X, train_Y, x, y, fit.predictions, function_class=function_class,
+                                       form=form, k=k, rank=rank, train_groups=train_groups,
+                                       massive_factor=massive_factor, seed=seed)
+        cols |= extra
+        info["seconds"] = time.perf_counter() - t0
+    return cols, fit, info
+
+
 def _kept_caches(model: Backend, test: CollectedStates) -> dict:
     """patched_kl's arguments that reuse the test texts' caches from the collection, if it kept them."""
     if test.kv_caches is None:
@@ -143,7 +176,9 @@ def decompose(model: Any, corpus: str | Corpus = "embedded", *, layers: Sequence
               seed: int = 0, compare_mlp: bool = True, mlp_steps: int = 300, random_control: bool = True,
               kl_positions: Literal["next", "later"] = "next", sweep_layer: int | None = None,
               sweep_k: Sequence[int] = (), sweep_rank: Sequence[int] = (), batch_size: int = 8,
-              n_boot: int = 1000, progress: bool = True, use_cache: bool = True) -> DecompositionResult:
+              n_boot: int = 1000, progress: bool = True, use_cache: bool = True, controls: bool = True,
+              split: Literal["document", "text"] = "document", min_position: int = 1,
+              massive_factor: float = MASSIVE_FACTOR) -> DecompositionResult:
     """Run the tokenwise decomposition of layer updates (defaults: the paper's setup, appendix A.2).
 
     Exported as ``toolkit.decompose_layers``.
@@ -159,6 +194,13 @@ def decompose(model: Any, corpus: str | Corpus = "embedded", *, layers: Sequence
         random_control: also measure KL for an equal-norm random perturbation of ``h_{l+1}``.
         sweep_layer, sweep_k, sweep_rank: Figure 5's sweeps at one layer (default: the middle one).
         use_cache: reuse (and write) the on-disk cache of collected states.
+        controls: also compute the baselines, size controls and the verdict table (see the module docstring).
+        split: ``"document"`` (default: no corpus document feeds both train and test) or ``"text"``
+            (by chunk: windows of one article can land on both sides, which flatters the test errors).
+        min_position: first sampled position; the default 1 leaves out the first token (an attention
+            sink); raise it to leave out more of each text's first positions.
+        massive_factor: anchors whose ``max(||h_l||, ||h_{l+1}||)`` exceeds this multiple of the layer's
+            median are flagged ``massive`` (summaries are reported with and without them).
     """
     check_decompose_settings(function_class=function_class, form=form, k=k, rank=rank, n_train=n_train,
                              n_test=n_test, seq_len=seq_len, per_text=per_text, batch_size=batch_size,
@@ -179,20 +221,27 @@ def decompose(model: Any, corpus: str | Corpus = "embedded", *, layers: Sequence
     keep_kv = kl_positions == "next" and kv_cache_bytes(model, n_test, seq_len) <= 2 ** 30
     train, test = collect_from_corpus(model, corpus, n_train=n_train, n_test=n_test, seq_len=seq_len,
                                       per_text=per_text, layers=need, seed=seed, batch_size=batch_size,
-                                      progress=progress, use_cache=use_cache, keep_test_kv_cache=keep_kv)
+                                      progress=progress, use_cache=use_cache, keep_test_kv_cache=keep_kv,
+                                      split=split, min_position=min_position)
     timings["collect_s"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
     columns: dict[str, list] = {}
     values: dict[tuple, torch.Tensor] = {}
+    ridge: dict[int, dict] = {}
     base = _token_columns(model, test)
     mlps = _fit_layer_mlps(train, layers, mlp_steps, seed, progress) if compare_mlp else {}
     for layer in tqdm(layers, desc="fit tokenwise maps", disable=not progress, unit="layer"):
-        fit, geom, x, y = fit_layer(train, test, layer, function_class, form, k, rank)
+        (X, Y), (x, y) = train.pairs(layer), test.pairs(layer)
+        cols, fit, ridge[layer] = anchor_columns(X, Y, x, y, function_class, form, k, rank, controls=controls,
+                                                 train_groups=train.text_index, massive_factor=massive_factor,
+                                                 seed=seed + layer)
         values[("linear", layer + 1)] = fit.predictions
         if random_control:
             values[("random", layer + 1)] = _random_same_norm(y, y - fit.predictions, seed + layer)
-        row = {"layer": np.full(len(x), layer)} | base | {_column(n): v.numpy() for n, v in geom.as_dict().items()}
+        if controls:
+            values[("identity", layer + 1)] = x          # skip the block's update at the anchor
+        row = {"layer": np.full(len(x), layer)} | base | cols
         if compare_mlp:
             X, Y = train.pairs(layer)
             mlp = fit_tokenwise(X, Y, x, "mlp", form="update", keep_singular=0, mlp=mlps[layer])
@@ -201,6 +250,7 @@ def decompose(model: Any, corpus: str | Corpus = "embedded", *, layers: Sequence
         for name, col in row.items():
             columns.setdefault(name, []).append(col)
     timings["fit_s"] = time.perf_counter() - t1
+    timings["controls_fit_s"] = sum(r.pop("seconds", 0.0) for r in ridge.values())   # part of fit_s
 
     t2 = time.perf_counter()
     kl = patched_kl(model, test.tokens, test.positions, values, kl_positions=kl_positions, batch_size=batch_size,
@@ -213,6 +263,8 @@ def decompose(model: Any, corpus: str | Corpus = "embedded", *, layers: Sequence
         columns["kl_random"] = [np.full(test.positions.numel(), np.nan) for _ in layers]
     if compare_mlp:
         columns["kl_mlp"] = [kl[("mlp", l + 1)].numpy() for l in layers]
+    if controls:
+        columns["kl_identity"] = [kl[("identity", l + 1)].numpy() for l in layers]
     anchors = {name: np.concatenate(parts) for name, parts in columns.items()}
 
     settings = {"model_id": model.info.model_id, "backend": model.name, "architecture": model.info.architecture,
@@ -222,8 +274,15 @@ def decompose(model: Any, corpus: str | Corpus = "embedded", *, layers: Sequence
                                                                                          model.d_model),
                 "n_train": n_train,
                 "n_test": n_test, "seq_len": seq_len, "per_text": per_text, "seed": seed,
-                "kl_positions": kl_positions, "compare_mlp": compare_mlp, "mlp_steps": mlp_steps}
+                "kl_positions": kl_positions, "compare_mlp": compare_mlp, "mlp_steps": mlp_steps,
+                "split": split, "min_position": min_position, "controls": controls}
+    if controls:
+        settings["baselines"] = {"massive_factor": massive_factor, "random_neighbourhoods": "same class, k random "
+                                 "training rows", "global_map": "ridge affine map of the update, penalty chosen on "
+                                 "20% held-out training texts", "ridge": {str(l): r for l, r in ridge.items()}}
+    t_sum = time.perf_counter()
     result = DecompositionResult.build(settings, anchors, n_boot=n_boot)
+    timings["summaries_s"] = time.perf_counter() - t_sum          # bootstraps, permutations, verdicts
     t3 = time.perf_counter()
     if sweep_k or sweep_rank:
         result.sweeps = run_sweeps(model, train, test, sweep_layer, function_class, form, k, rank, sweep_k,

@@ -10,7 +10,17 @@ One row per (layer, test anchor). Columns (all 1-D numpy arrays of equal length)
   full update and the tokenwise update, and between the residual and the tokenwise update;
 * ``proj_{full,tokenwise,residual}_{1,4,8}``: fraction of the vector's energy in the top-k left
   singular vectors of the local map (a random vector gets k/d);
-* with the MLP comparison, ``rel_err_mlp`` and ``kl_mlp``.
+* with the MLP comparison, ``rel_err_mlp`` and ``kl_mlp``;
+* with the controls (:mod:`toolkit.decompose.baselines`): ``norm_x, norm_y, norm_update``;
+  ``rel_err_identity`` (= the update's relative size ``||Δ|| / ||h_{l+1}||``) and ``kl_identity``
+  (``h_{l+1}`` replaced by ``h_l``); ``update_err`` = ``||Δ - Δ̂|| / ||Δ||``; ``rel_err_*`` and
+  ``update_err_*`` of the baselines ``mean_update``, ``global`` (ridge) and ``random_nb``;
+  ``abs_cos_{full,res}_tok_{global,mean_update}``; ``massive`` (bool).
+
+Beside the per-layer summaries (which then carry the baselines, robust summaries, R² and the
+partial Spearman, :func:`toolkit.decompose.controls.layer_controls`), ``controls`` holds the pooled
+controls and ``verdicts`` the verdict table of the paper's claims (:mod:`toolkit.decompose.verdicts`,
+whose rules are recorded in ``settings["verdict_rules"]``).
 
 Saved as a checked folder (:mod:`toolkit.persist`): ``result.json`` (settings, summaries, versions,
 checksums), ``anchors.npz`` (the arrays) and ``anchors.csv`` (the same, for spreadsheets), swapped
@@ -48,6 +58,8 @@ class DecompositionResult(DecompositionViews, SavedResult):
     model_summary: dict = field(default_factory=dict)
     regimes: dict = field(default_factory=dict)
     sweeps: dict = field(default_factory=dict)
+    controls: dict = field(default_factory=dict)
+    verdicts: list[dict] = field(default_factory=list)
 
     # ----- summaries -------------------------------------------------------------------
     @classmethod
@@ -93,6 +105,18 @@ class DecompositionResult(DecompositionViews, SavedResult):
         self.regimes = {"linear": regimes(a["rel_err"], a["kl"])}
         if "rel_err_mlp" in a:
             self.regimes["mlp"] = regimes(a["rel_err_mlp"], a["kl_mlp"])
+        if "rel_err_identity" in a:           # results made with the controls on
+            self._summarise_controls(n_boot)
+
+    def _summarise_controls(self, n_boot: int) -> None:
+        from toolkit.decompose.controls import layer_controls, pooled_controls
+        from toolkit.decompose.verdicts import RULES, VERSION, verdict_table
+        a, d = self.anchors, self.settings.get("d_model", 1)
+        for row in self.layer_summary:
+            row.update(layer_controls(a, a["layer"] == row["layer"], n_boot=n_boot, seed=row["layer"]))
+        self.controls = pooled_controls(a, d, n_boot=n_boot)
+        self.verdicts = verdict_table(a, self.model_summary, self.controls, d, n_boot=n_boot)
+        self.settings["verdict_rules"] = {"version": VERSION, "rules": RULES}
 
     # ----- persistence (toolkit.persist: .save(path), DecompositionResult.load(path)) -----------
     KIND = KIND
@@ -107,7 +131,8 @@ class DecompositionResult(DecompositionViews, SavedResult):
         writer.writerow(cols)
         writer.writerows(zip(*(self.anchors[c].tolist() for c in cols)))
         return Parts(fields={"layer_summary": self.layer_summary, "model_summary": self.model_summary,
-                             "regimes": self.regimes, "sweeps": self.sweeps},
+                             "regimes": self.regimes, "sweeps": self.sweeps,
+                             "controls": self.controls, "verdicts": self.verdicts},
                      files={"anchors.npz": buf.getvalue(), "anchors.csv": text.getvalue().encode()})
 
     @classmethod
@@ -115,4 +140,5 @@ class DecompositionResult(DecompositionViews, SavedResult):
         f = parts.fields
         npz = parts.files["anchors.npz"]
         return cls(settings=f["settings"], anchors=read_npz(npz, npz.parent), layer_summary=f["layer_summary"],
-                   model_summary=f["model_summary"], regimes=f["regimes"], sweeps=f.get("sweeps", {}))
+                   model_summary=f["model_summary"], regimes=f["regimes"], sweeps=f.get("sweeps", {}),
+                   controls=f.get("controls", {}), verdicts=f.get("verdicts", []))

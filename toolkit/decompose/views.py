@@ -70,6 +70,15 @@ class DecompositionViews:
         import pandas as pd
         return pd.DataFrame(self.layer_summary)
 
+    def verdicts_frame(self):
+        """The verdict table (the paper's claims against their null models) as a ``pandas.DataFrame``.
+
+        Example:
+            >>> result.verdicts_frame()[["claim", "verdict"]]              # doctest: +SKIP
+        """
+        import pandas as pd
+        return pd.DataFrame(self.verdicts)
+
     def report(self, path: str | Path) -> Path:
         """Write the self-contained HTML report (figures, tables, settings) to ``path``.
 
