@@ -109,3 +109,21 @@ def test_make_backend_says_it_wraps_in_place():
     hf = tiny_hf_model("llama")
     model = toolkit.make_backend(hf)
     assert model.hf_model is hf and model.wraps_in_place
+
+
+def test_every_result_reports_and_reloads(smollm2_nnsight, tmp_path):
+    """Each result type writes its self-contained report and comes back from toolkit.load by its kind."""
+    model = smollm2_nnsight
+    jac = toolkit.detached_jacobian(model, "Paris is", chunk_size=192)
+    layers = toolkit.all_layer_jacobians(model, "Paris is", components=("resid",), chunk_size=192)
+    top = toolkit.jacobian_svd(model, "Paris is", k=2, max_blocks=2)
+    results = {"jac": jac, "svd": jac.svd(model), "layers": layers, "spectra": layers.spectra(k=2), "top": top}
+    for name, result in results.items():
+        page = (jac.report(tmp_path / f"{name}.html", model) if name == "jac"
+                else result.report(tmp_path / f"{name}.html"))
+        html = page.read_text()
+        assert html.startswith("<!DOCTYPE html>") or "<html" in html[:200], name
+        assert "plotly" in html.lower(), name
+        result.save(tmp_path / name)
+        assert type(toolkit.load(tmp_path / name)) is type(result), name
+    assert toolkit.load(tmp_path / "jac").reconstruction_error == jac.reconstruction_error

@@ -101,6 +101,10 @@ class LayerJacobians(SavedResult):
         """The layerwise figure of :meth:`spectra` (Figure 6)."""
         return self.spectra(**kwargs).figure()
 
+    def report(self, path, **kwargs):
+        """The report of :meth:`spectra` (Figure 6 and its table)."""
+        return self.spectra(**kwargs).report(path)
+
     # ----- persistence (toolkit.persist: .save(path), LayerJacobians.load(path)) --------------
     KIND = "toolkit.jacobian.LayerJacobians"
     NOUN = "LayerJacobians"

@@ -195,6 +195,16 @@ class JacobianSVD(SavedResult):
                              f"analysis with top_k >= {k}.")
         return list(tokens[:k])
 
+    def report(self, path, title: str = "Detached Jacobian: SVD decoded to tokens"):
+        """The singular spectra and the decoded-tokens table as one self-contained HTML page.
+
+        Example:
+            >>> svd.report("runs/svd/report.html")                       # doctest: +SKIP
+        """
+        from toolkit.report import Section, write_report
+        return write_report(path, title, [Section("Singular spectra", figure=self.figure("spectra")),
+                                          Section("Decoded singular vectors", figure=self.figure("tokens"))])
+
     def figure(self, kind: str = "tokens", **kwargs):
         """``"tokens"``: the decoded-tokens table; ``"spectra"``: the singular values of each ``J_i``.
 

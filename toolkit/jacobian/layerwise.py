@@ -105,6 +105,16 @@ class LayerwiseSpectra(SavedResult):
                              "overlap_right": self.overlap_right.tolist(),
                              "sigma_1": self.singular_values[:, 0].tolist()})
 
+    def report(self, path, title: str = "Layerwise spectra of the detached Jacobian"):
+        """Figure 6 and the per-target table as one self-contained HTML page.
+
+        Example:
+            >>> spectra.report("runs/layers/report.html")                 # doctest: +SKIP
+        """
+        from toolkit.jacobian.report import write_figure_report
+        return write_figure_report(path, title, "Stable rank, energy rank and overlap with the reference, per "
+                                   "target.", self.figure(), self.to_frame().to_dict("records"))
+
     def figure(self, max_rank: int | None = 64):
         """Figure 6: stable rank and overlap with the reference layer per depth, and the spectra.
 

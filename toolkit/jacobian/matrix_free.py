@@ -84,6 +84,16 @@ class TopSVD(SavedResult):
         return pd.DataFrame({"index": range(len(self.singular_values)),
                              "singular_value": self.singular_values.tolist()})
 
+    def report(self, path, title: str = "Top-k SVD of the detached Jacobian (matrix-free)"):
+        """The singular values, figure and table, as one self-contained HTML page.
+
+        Example:
+            >>> top.report("runs/top/report.html")                        # doctest: +SKIP
+        """
+        from toolkit.jacobian.report import write_figure_report
+        return write_figure_report(path, title, f"{self.n_jvp} JVPs and {self.n_vjp} VJPs; converged: "
+                                   f"{self.converged}.", self.figure(), self.to_frame().to_dict("records"))
+
     def figure(self):
         """The top-``k`` singular values.
 

@@ -11,7 +11,7 @@ def write_jacobian_report(path: str | Path, title: str, detached, ordinary, anal
     """One self-contained page: reconstruction scatter, singular spectra, decoded singular vectors.
 
     ``detached`` / ``ordinary``: :class:`~toolkit.jacobian.result.DetachedJacobian` (the ordinary one for
-    contrast); ``analysis``: the detached one's :class:`~toolkit.jacobian.analysis.JacobianSVD`.
+    contrast, or ``None``); ``analysis``: the detached one's :class:`~toolkit.jacobian.analysis.JacobianSVD`.
 
     Example:
         >>> write_jacobian_report("runs/jacobian/report.html", "Marin", det, ordinary, svd)   # doctest: +SKIP
@@ -25,8 +25,9 @@ def write_jacobian_report(path: str | Path, title: str, detached, ordinary, anal
                  for i, t in enumerate(analysis.str_tokens)]
     sections = [
         Section("Reconstruction", text=(f"y = sum_i J_i x_i + c. Detached relative error "
-                                        f"{detached.reconstruction_error:.2e}; ordinary Jacobian "
-                                        f"{ordinary.reconstruction_error:.2e}."),
+                                        f"{detached.reconstruction_error:.2e}" +
+                                        ("" if ordinary is None else
+                                         f"; ordinary Jacobian {ordinary.reconstruction_error:.2e}") + "."),
                 figure=reconstruction_scatter(detached, ordinary)),
         Section("Singular spectra", text="Singular values of the detached J_i for each input token.",
                 figure=singular_spectra(analysis)),
@@ -53,3 +54,12 @@ def format_summary(summary: dict[str, Any]) -> str:
         right = " | ".join(e["tokens"][0] for e in a["right"][i])
         lines.append(f"  {i:>2} {tok!r:<14} stable rank {a['stable_rank'][i]:6.2f}  out: {left!r:<32} in: {right!r}")
     return "\n".join(lines)
+
+
+def write_figure_report(path: str | Path, title: str, text: str, figure, rows: list[dict]) -> Path:
+    """One page for a result with one figure and one table (spectra, top-k SVDs).
+
+    Example:
+        >>> write_figure_report("runs/top/report.html", "Top-8 SVD", "...", top.figure(), [])   # doctest: +SKIP
+    """
+    return write_report(path, title, [Section(title, text=text, figure=figure, table=rows)])

@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -116,6 +117,19 @@ class DetachedJacobian(SavedResult):
         from toolkit.backends import as_backend
         from toolkit.jacobian.analysis import analyze_with_model
         return analyze_with_model(self, as_backend(model), top_k=top_k, n_vectors=n_vectors, n_rows=n_rows)
+
+    def report(self, path: str | Path, model: Any, *, ordinary: "DetachedJacobian | None" = None,
+               title: str | None = None) -> Path:
+        """The self-contained HTML report (reconstruction, spectra, decoded singular vectors); ``model``
+        decodes the vectors to tokens (:meth:`svd`).
+
+        Example:
+            >>> jac.report("runs/jac/report.html", model)                                # doctest: +SKIP
+        """
+        from toolkit.jacobian.report import write_jacobian_report
+        title = title or f"Detached Jacobian of {self.settings.get('target', 'output')} " \
+                         f"({self.settings.get('model_id', '')})"
+        return write_jacobian_report(path, title, self, ordinary, self.svd(model))
 
     def figure(self, ordinary: "DetachedJacobian | None" = None, max_points: int = 5000):
         """``y`` against ``sum_i J_i x_i + c`` (exact on the diagonal), with an ordinary Jacobian for contrast.
