@@ -49,7 +49,7 @@ class TransformerLensBackend(Backend):
         with torch.no_grad():
             kwargs = {} if kv_cache is None else {"past_key_values": kv_cache, "use_cache": True}
             _, cache = self.bridge.run_with_cache(input_ids, names_filter=lambda n: n in names, **kwargs)
-        return torch.stack([cache[self.hook_name(l)] for l in layers])
+        return torch.stack([cache[self.hook_name(l)].to(self.device) for l in layers])  # device_map: any device
 
     def run_with_patches(self, input_ids: Tensor, patches: Sequence[Patch], **forward_kwargs) -> Tensor:
         input_ids = self.check_tokens(input_ids)
@@ -59,6 +59,7 @@ class TransformerLensBackend(Backend):
 
             def replace(resid: Tensor, hook, patch: Patch = patch) -> Tensor:
                 resid = resid.clone()
+                patch = patch.on(resid.device, resid.dtype)  # where the hook runs (device_map: any device)
                 if patch.add:
                     resid[patch.rows, patch.positions] += patch.values
                 else:

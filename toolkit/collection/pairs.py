@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from toolkit.backends.base import Backend
 from toolkit.collection.store import EntryWriter, boundary_file, read_meta
+from toolkit.models.placement import parameter
 from toolkit.models.weights import cache_root
 
 
@@ -91,7 +92,8 @@ def model_fingerprint(model: Backend) -> str:
     h.update(model.info.model_id.encode())
     h.update(model.hf_model.config.to_json_string(use_diff=False).encode())
     with torch.no_grad():
-        for p in (model.W_E, next(model.blocks[-1].parameters())):
+        last_name = next(name for name, _ in model.blocks[-1].named_parameters())
+        for p in (model.W_E, parameter(model.blocks[-1], last_name)):  # values even when offloaded
             h.update(np.float64(p.double().sum().item()).tobytes())
             h.update(np.float64(p.double().abs().sum().item()).tobytes())
     return h.hexdigest()[:16]
@@ -160,13 +162,13 @@ def collect_hidden_states(model: Backend, tokens: Tensor, positions: Tensor, lay
                    unit="batch")
         for start in bar:
             ids = tokens[start:start + batch_size]
-            pos = positions[start:start + batch_size].to(model.device)
+            pos = positions[start:start + batch_size]
             kv = _new_kv_cache(model) if keep_kv_cache else None
             hs = model.hidden_states(ids, boundaries, kv_cache=kv)      # [n_b, B, T, d]
             if kv is not None:
                 kv_caches.append((start, kv))
-            rows = torch.arange(ids.shape[0], device=model.device)[:, None]
-            picked = hs[:, rows, pos].reshape(len(boundaries), -1, model.d_model)
+            rows = torch.arange(ids.shape[0], device=hs.device)[:, None]
+            picked = hs[:, rows, pos.to(hs.device)].reshape(len(boundaries), -1, model.d_model)
             picked = picked.float().cpu().numpy()
             writer.write_rows(start * per_text, {l: picked[i] for i, l in enumerate(boundaries)})
         writer.commit(meta, tokens=tokens.cpu().numpy().astype(np.int64),
