@@ -8,7 +8,7 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test bench clean-cache
+.PHONY: setup demo test bench gpu-check clean-cache
 
 setup: $(STAMP)
 
@@ -31,6 +31,11 @@ test: setup
 
 bench: setup
 	$(PY) -m benchmarks.run --out benchmarks/results
+
+# Both analyses on CUDA in float32 and bfloat16 (SmolLM2, and Qwen2.5-Coder-1.5B when installed):
+# timings and peak CUDA memory. Stops with a message where no GPU is visible.
+gpu-check: setup
+	$(PY) -m benchmarks.gpu_check --out benchmarks/results
 
 clean-cache:
 	rm -rf $${TOOLKIT_CACHE:-$$HOME/.cache/layerlens-toolkit}/activations

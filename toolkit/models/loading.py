@@ -1,5 +1,11 @@
 """``load_model``: one entry point from a name, a folder or a model object to a :class:`Backend`.
 
+Precision: ``dtype="bfloat16"`` / ``"float16"`` runs the model (forwards, patches, steering edits,
+Jacobian rows) in that dtype; the steps that need more stay upcast whatever it is: stored
+states float32, local fits on them with float64 SVDs, KL with float64 accumulation,
+reconstruction errors and Jacobian SVDs in float64. Placement: ``device_map`` / ``max_memory`` /
+``offload_folder`` go to ``from_pretrained`` (accelerate); see :mod:`toolkit.models.placement`.
+
 Example:
     >>> import toolkit
     >>> model = toolkit.load_model()                       # SmolLM2-135M, offline  # doctest: +SKIP
