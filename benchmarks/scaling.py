@@ -54,16 +54,16 @@ def measured(fn) -> tuple[object, float, float]:
     return out, round(seconds, 2), mem.peak_mb
 
 
-def pipeline(model, size: dict) -> tuple[float, float, float]:
+def pipeline(model, size: dict, corpus) -> tuple[float, float, float]:
     """(pipeline seconds, bare-forward seconds, peak MB) at ``size``, all layers."""
-    from toolkit.data import chunk_corpus, load_corpus
+    from toolkit.data import chunk_corpus
     from toolkit.decompose.pipeline import decompose
 
-    texts = chunk_corpus(load_corpus("wikitext-test"), model.tokenizer, seq_len=size["seq_len"],
+    texts = chunk_corpus(corpus, model.tokenizer, seq_len=size["seq_len"],
                          max_texts=size["n_train"] + size["n_test"]).tokens
     before = bare_forward(model, texts, 8, "before")["seconds"]
     _, seconds, peak = measured(lambda: decompose(
-        model, "wikitext-test", n_train=size["n_train"], n_test=size["n_test"], seq_len=size["seq_len"],
+        model, corpus, n_train=size["n_train"], n_test=size["n_test"], seq_len=size["seq_len"],
         compare_mlp=False, n_boot=100, progress=False, use_cache=False))
     after = bare_forward(model, texts, 8, "after")["seconds"]
     return seconds, (before + after) / 2, peak
@@ -91,7 +91,7 @@ def n_parameters(model) -> int:
     return sum(p.numel() for p in model.hf_model.parameters())
 
 
-def bench_model(name: str, size: dict) -> dict:
+def bench_model(name: str, size: dict, corpus) -> dict:
     import toolkit
     from toolkit.models.registry import find_entry
 
@@ -103,7 +103,7 @@ def bench_model(name: str, size: dict) -> dict:
     row["params_M"] = round(n_parameters(model) / 1e6, 1)
     row["d_model"], row["n_layers"] = model.d_model, model.n_layers
     bare_forward(model, model.to_tokens(["warm up"] * 2), 2, "warm-up")
-    row["pipeline_s"], row["bare_forward_s"], row["pipeline_mb"] = pipeline(model, size)
+    row["pipeline_s"], row["bare_forward_s"], row["pipeline_mb"] = pipeline(model, size, corpus)
     row["pipeline_ratio"] = round(row["pipeline_s"] / row["bare_forward_s"], 2)
     svd = top_svd(model, size["tokens"], formed=True)
     row.update(svd_free_s=svd["free_s"], svd_formed_s=svd["formed_s"], svd_products=svd["products"],
@@ -119,7 +119,7 @@ def bench_model(name: str, size: dict) -> dict:
                                    max_memory={"cpu": f"{int(weights_mb / 2)}MB"}, offload_folder=folder)
         placed = model.hf_model.hf_device_map
         row["offloaded_blocks"] = f"{sum(v == 'disk' for k, v in placed.items() if '.layers.' in k)}/{model.n_layers}"
-        row["offload_pipeline_s"], _, row["offload_pipeline_mb"] = pipeline(model, size)
+        row["offload_pipeline_s"], _, row["offload_pipeline_mb"] = pipeline(model, size, corpus)
         row["offload_pipeline_x"] = round(row["offload_pipeline_s"] / row["pipeline_s"], 2)
         svd = top_svd(model, size["tokens"], formed=False)
         row["offload_svd_free_s"], row["offload_svd_mb"] = svd["free_s"], svd["free_mb"]
@@ -149,15 +149,20 @@ def figure(rows: list[dict]):
 
 
 def run(out_dir: Path, size: str = "small", models: tuple[str, ...] | None = None, with_15b: bool | None = None,
-        quick: bool = False) -> list[dict]:
-    """Every model in turn; the table, JSON and plot are rewritten after each."""
+        quick: bool = False, corpus: str = "wikitext-test") -> list[dict]:
+    """Every model in turn; the table, JSON and plot are rewritten after each.
+
+    ``corpus``: a name for :func:`toolkit.data.load_corpus` or a text file's path.
+    """
+    from toolkit.data import load_corpus
+    texts = load_corpus(corpus)
     if with_15b is None:
         with_15b = os.environ.get("TOOLKIT_BENCH_1_5B", "0").lower() in ("1", "true", "yes")
     names = list(models or MODELS)
     if quick:
         size, names = "small", names[:1]
     settings = {"size": size, **SIZES[size], "dtype": "float32", "device": "cpu", "backend": "nnsight",
-                "threads": torch.get_num_threads(), "pipeline": "all layers, lowrank k=64 r=64, update form, "
+                "threads": torch.get_num_threads(), "corpus": texts.name, "pipeline": "all layers, lowrank k=64 r=64, update form, "
                 "8 positions/text, random control, no MLP comparison", "svd": "top-8, tol 1e-4, output target"}
     rows: list[dict] = []
     for name in names:
@@ -165,7 +170,7 @@ def run(out_dir: Path, size: str = "small", models: tuple[str, ...] | None = Non
             rows.append({"model": name, "status": "skipped (opt-in: --with-1.5b or TOOLKIT_BENCH_1_5B=1)"})
             continue
         print(f"-- {name}", flush=True)
-        rows.append(bench_model(name, SIZES[size]))
+        rows.append(bench_model(name, SIZES[size], texts))
         write_json(out_dir, "scaling", rows, settings)
         figure(rows).write_html(out_dir / "scaling.html", include_plotlyjs="cdn")
     print_table(rows)
@@ -178,9 +183,11 @@ def main() -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--models", nargs="+", default=None, help=f"subset of {', '.join(MODELS)}")
     parser.add_argument("--with-1.5b", dest="with_15b", action="store_true", default=None)
+    parser.add_argument("--corpus", default="wikitext-test", help="corpus name or text file path")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
-    run(Path(args.out), size=args.size, models=tuple(args.models) if args.models else None, with_15b=args.with_15b)
+    run(Path(args.out), size=args.size, models=tuple(args.models) if args.models else None, with_15b=args.with_15b,
+        corpus=args.corpus)
 
 
 if __name__ == "__main__":

@@ -73,8 +73,8 @@ def test_smollm2_bfloat16_rho_inside_float32_interval(smollm2_bf16, smollm2_nnsi
     from toolkit.decompose.pipeline import decompose
     kw = dict(layers=[3, 20], n_train=32, n_test=12, seq_len=64, compare_mlp=False, random_control=False,
               n_boot=300, progress=False)
-    f32 = {r["layer"]: r for r in decompose(smollm2_nnsight, "wikitext-test", **kw).layer_summary}
-    bf16 = {r["layer"]: r for r in decompose(smollm2_bf16, "wikitext-test", **kw).layer_summary}
+    f32 = {r["layer"]: r for r in decompose(smollm2_nnsight, "embedded", **kw).layer_summary}
+    bf16 = {r["layer"]: r for r in decompose(smollm2_bf16, "embedded", **kw).layer_summary}
     for layer in (3, 20):
         lo, hi, rho = f32[layer]["rho_ci_low"], f32[layer]["rho_ci_high"], bf16[layer]["rho"]
         print(f"layer {layer}: rho float32 {f32[layer]['rho']:.3f} [{lo:.3f}, {hi:.3f}], bfloat16 {rho:.3f}")

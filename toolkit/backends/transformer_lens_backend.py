@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from toolkit.backends.base import Backend, ModelInfo, Patch
+from toolkit.models.placement import is_dispatched
 
 
 class TransformerLensBackend(Backend):
@@ -31,8 +32,11 @@ class TransformerLensBackend(Backend):
                 raise ValueError("the TransformerLens backend needs a tokenizer (TransformerBridge otherwise "
                                  "tries to download one); pass tokenizer=...")
             # The name only picks TL's defaults; architecture and weights come from hf_model.
+            # A model placed by accelerate (device_map) keeps its placement: TransformerLens reads it from
+            # hf_device_map; a device here would ask it to move the model.
+            device = None if is_dispatched(hf_model) else str(self.device)
             bridge = TransformerBridge.boot_transformers(info.model_id, hf_model=hf_model, tokenizer=tokenizer,
-                                                         device=str(self.device), dtype=self.dtype)
+                                                         device=device, dtype=self.dtype)
         self.bridge = bridge
 
     def hook_name(self, layer: int) -> str:

@@ -104,7 +104,7 @@ def transformer_lens_target_function(model: Backend, input_ids: Tensor, target: 
         captured: list[Tensor] = []
 
         def put_x(resid: Tensor, hook) -> Tensor:
-            return x[None].to(resid.dtype)
+            return x[None].to(resid.device, resid.dtype)  # where block 0 runs (device_map: any device)
 
         def grab(resid: Tensor, hook) -> None:
             captured.append(resid)
