@@ -12,7 +12,7 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from nnsight import NNsight
@@ -65,7 +65,7 @@ class NNsightBackend(Backend):
         with torch.no_grad(), self.traced.trace(input_ids, **kwargs) as tracer:
             # nnsight 0.8 requires modules to be visited in execution order.
             for l in sorted(set(layers)):
-                saved[l] = (blocks[0].input if l == 0 else blocks[l - 1].output).save()
+                saved[l] = (blocks[0].input if l == 0 else _first(blocks[l - 1].output)).save()
             tracer.stop()  # nothing above the last boundary asked for is needed: skip the rest and the unembedding
         # A model split across devices (device_map) hands each boundary over where its block ran.
         return torch.stack([saved[l].to(self.device) for l in layers])
@@ -80,7 +80,7 @@ class NNsightBackend(Backend):
                 self.check_boundary(patch.layer)
                 if patch.layer == self.n_layers:
                     # h_L feeds the final norm, which is not a block: patch the last block's output.
-                    target = blocks[patch.layer - 1].output
+                    target = _first(blocks[patch.layer - 1].output)  # edited in place: the norm sees it
                 else:
                     target = blocks[patch.layer].input
                 # The patched tensor lives where the block before it ran (device_map: any device).
@@ -92,3 +92,38 @@ class NNsightBackend(Backend):
                     target[rows, positions] = values
             out = self.traced.output.save()
         return out.logits if hasattr(out, "logits") else out[0]
+
+    def target_function(self, input_ids: Tensor, kind: str, layer: int | None,
+                        position: int = -1) -> Callable[[Tensor], Tensor] | None:
+        """``f(x) -> y`` run inside an nnsight trace: ``x`` replaces block 0's input, ``y`` is saved.
+
+        Example:
+            >>> from toolkit.backends import make_backend
+            >>> from toolkit.models.tiny import tiny_hf_model
+            >>> model = make_backend(tiny_hf_model("llama"), backend="nnsight")
+            >>> f = model.target_function(torch.tensor([1, 2, 3]), "output", None)
+            >>> f(torch.randn(3, 64)).shape
+            torch.Size([64])
+        """
+        if kind not in ("output", "resid"):
+            return None
+        ids = self.check_tokens(input_ids)
+        blocks = self._traced_blocks()
+        base = getattr(self.traced, spec_for(self.hf_model).base_attr)
+
+        def f(x: Tensor) -> Tensor:
+            if kind == "resid" and layer == 0:
+                return x[position]
+            # use_cache=False: a Mamba cache would carry state outside the frozen map.
+            with self.traced.trace(ids, use_cache=False):
+                blocks[0].input = x[None]
+                # Base model output = final norm applied; a block's output (transformers 5: a tensor).
+                h = base.output[0] if kind == "output" else blocks[layer - 1].output
+                y = _first(h)[0, position].save()
+            return y
+        return f
+
+
+def _first(out):
+    """The hidden-state tensor of a module output (tensor, tuple or ``ModelOutput``)."""
+    return out if isinstance(out, Tensor) else out[0]

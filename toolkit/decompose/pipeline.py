@@ -16,17 +16,19 @@ Example:
 from __future__ import annotations
 
 import time
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from toolkit.backends import as_backend
 from toolkit.backends.base import Backend
 from toolkit.collection.from_corpus import collect_from_corpus
 from toolkit.collection.pairs import CollectedStates, kv_cache_bytes
 from toolkit.data import Corpus
-from toolkit.decompose.function_classes import FORMS, FUNCTION_CLASSES, MLPMap, fit_mlps, fit_tokenwise
+from toolkit.decompose.function_classes import (FORMS, FUNCTION_CLASSES, MLPMap, effective_rank, fit_mlps,
+                                              fit_tokenwise)
 from toolkit.decompose.geometry import tokenwise_geometry
 from toolkit.decompose.interventions import patched_kl
 from toolkit.decompose.result import DecompositionResult
@@ -105,7 +107,7 @@ def _fit_layer_mlps(train: CollectedStates, layers: Sequence[int], steps: int, s
     return out
 
 
-def decompose(model: Backend, corpus: str | Corpus = "embedded", *, layers: Sequence[int] | None = None,
+def decompose(model: Any, corpus: str | Corpus = "embedded", *, layers: Sequence[int] | None = None,
               function_class: str = "lowrank", form: Literal["plain", "update"] = "update", k: int = 64,
               rank: int | None = 64, n_train: int = 2000, n_test: int = 500, seq_len: int = 192, per_text: int = 8,
               seed: int = 0, compare_mlp: bool = True, mlp_steps: int = 300, random_control: bool = True,
@@ -114,7 +116,13 @@ def decompose(model: Backend, corpus: str | Corpus = "embedded", *, layers: Sequ
               n_boot: int = 1000, progress: bool = True, use_cache: bool = True) -> DecompositionResult:
     """Run the tokenwise decomposition of layer updates (defaults: the paper's setup, appendix A.2).
 
+    Exported as ``toolkit.decompose_layers``.
+
     Args:
+        model: the loaded model (any backend), or a HF model / nnsight wrapper / TransformerBridge
+            with its tokenizer (:func:`toolkit.backends.as_backend`).
+        corpus: a corpus name (``"embedded"``, ``"wikitext-test"``, ...), a text file path or a
+            :class:`~toolkit.data.Corpus`.
         layers: blocks ``l`` (transition ``h_l -> h_{l+1}``); default all.
         function_class, form, k, rank: the local map (see :mod:`toolkit.decompose.function_classes`).
         compare_mlp: also fit a global MLP per layer (Table 2's comparison); ``mlp_steps`` Adam steps.
@@ -124,6 +132,7 @@ def decompose(model: Backend, corpus: str | Corpus = "embedded", *, layers: Sequ
     """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    model = as_backend(model)
     layers = list(range(model.n_layers)) if layers is None else list(layers)
     for l in layers:
         if not isinstance(l, int) or not 0 <= l < model.n_layers:
@@ -175,7 +184,9 @@ def decompose(model: Backend, corpus: str | Corpus = "embedded", *, layers: Sequ
     settings = {"model_id": model.info.model_id, "backend": model.name, "architecture": model.info.architecture,
                 "d_model": model.d_model, "n_layers": model.n_layers, "dtype": str(model.dtype),
                 "corpus": corpus if isinstance(corpus, str) else corpus.name, "layers": layers,
-                "function_class": function_class, "form": form, "k": k, "rank": rank, "n_train": n_train,
+                "function_class": function_class, "form": form, "k": k, **_rank_settings(function_class, form, rank, k,
+                                                                                         model.d_model),
+                "n_train": n_train,
                 "n_test": n_test, "seq_len": seq_len, "per_text": per_text, "seed": seed,
                 "kl_positions": kl_positions, "compare_mlp": compare_mlp, "mlp_steps": mlp_steps}
     result = DecompositionResult.build(settings, anchors, n_boot=n_boot)
@@ -188,6 +199,12 @@ def decompose(model: Backend, corpus: str | Corpus = "embedded", *, layers: Sequ
     timings["total_s"] = time.perf_counter() - t0
     result.settings["timings"] = {k_: round(v, 2) for k_, v in timings.items()}
     return result
+
+
+def _rank_settings(function_class: str, form: str, rank: int | None, k: int, d: int) -> dict:
+    """``{"rank": the rank the maps really have}``, plus ``"rank_requested"`` when the request did not apply."""
+    used = effective_rank(function_class, form, rank, k, d)
+    return {"rank": used} if used == rank else {"rank": used, "rank_requested": rank}
 
 
 def run_sweeps(model: Backend, train: CollectedStates, test: CollectedStates, layer: int, function_class: str,
@@ -207,7 +224,10 @@ def run_sweeps(model: Backend, train: CollectedStates, test: CollectedStates, la
     for name, v, _, _ in variants:
         rel = errors[(name, v)]
         rho = spearman_with_ci(rel, kl[(name, v, layer + 1)].numpy(), n_boot=n_boot)
-        out.setdefault(name, []).append({name: v, "layer": layer, "rel_err_mean": float(np.nanmean(rel)),
+        kk, rr = (v, rank) if name == "k" else (k, v)
+        ranks = _rank_settings(function_class, form, rr, kk, model.d_model)
+        row = {"k": v, **ranks} if name == "k" else ranks   # a rank sweep's "rank" is the rank the maps have
+        out.setdefault(name, []).append({**row, "layer": layer, "rel_err_mean": float(np.nanmean(rel)),
                                          "kl_mean": float(kl[(name, v, layer + 1)].mean()), "rho": rho.rho,
                                          "rho_ci_low": rho.ci_low, "rho_ci_high": rho.ci_high})
     return out

@@ -1,4 +1,5 @@
-"""The result of a Jacobian computation: a plain dataclass, saved and loaded with its metadata.
+"""The result of a Jacobian computation: a plain dataclass, saved and loaded as a checked folder
+(:mod:`toolkit.persist`: ``result.json`` with the settings and versions, ``tensors.safetensors``).
 
 Example:
     >>> import torch
@@ -10,18 +11,24 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 
+from toolkit.metrics import relative_error
+from toolkit.persist import Parts, SavedResult
+
+if TYPE_CHECKING:
+    from toolkit.jacobian.analysis import JacobianSVD
+
 KIND = "toolkit.jacobian.DetachedJacobian"
-VERSION = 1
+_TENSORS = ("jacobian", "y", "x", "c", "token_ids")
 
 
 @dataclass
-class DetachedJacobian:
+class DetachedJacobian(SavedResult):
     """``y = sum_i J_i x_i + c`` for one prompt.
 
     Fields:
@@ -30,7 +37,7 @@ class DetachedJacobian:
            boundary, a block's attention or MLP output, or ``h_{l+1}``; see
            :mod:`toolkit.jacobian.targets`).
         x: ``[T, d_in]`` the input: the embeddings ``h_0`` (first block's input), or ``h_l`` for a
-           layer's own transform (target ``"layer.l"``; ``settings["input"]`` says which).
+           block's own transform (target ``"block.l"``; ``settings["input"]`` says which).
         c: ``[d_out]`` the constant term: the map at zero input (detached: with the factors of ``x``
            held fixed), so that the reconstruction is exact for affine frozen models (GPT-2, Pythia)
            and ``c ~ 0`` for bias-free ones (Llama-style).
@@ -39,11 +46,11 @@ class DetachedJacobian:
         reconstruction_error: ``||sum_i J_i x_i + c - y|| / ||y||`` (computed if not given).
     """
 
-    jacobian: Tensor
-    y: Tensor
-    x: Tensor
-    c: Tensor
-    token_ids: Tensor
+    jacobian: Float[Tensor, "T d_out d_in"]
+    y: Float[Tensor, "d_out"]
+    x: Float[Tensor, "T d_in"]
+    c: Float[Tensor, "d_out"]
+    token_ids: Int[Tensor, "T"]
     settings: dict[str, Any] = field(default_factory=dict)
     reconstruction_error: float | None = None
 
@@ -82,48 +89,45 @@ class DetachedJacobian:
         """
         return torch.einsum("toi,ti->to", self.jacobian, self.x)
 
-    def save(self, path: str | Path) -> Path:
-        """Write a ``torch.save`` file with the tensors and metadata; returns the path.
+    # ----- persistence (toolkit.persist: .save(path), DetachedJacobian.load(path)) -------------
+    KIND = KIND
+    NOUN = "DetachedJacobian"
 
-        Example:
-            >>> r.save("/tmp/jac.pt")                             # doctest: +SKIP
-        """
-        path = Path(path)
-        torch.save({"kind": KIND, "version": VERSION, "jacobian": self.jacobian.cpu(), "y": self.y.cpu(),
-                    "x": self.x.cpu(), "c": self.c.cpu(), "token_ids": self.token_ids.cpu(),
-                    "settings": dict(self.settings), "reconstruction_error": self.reconstruction_error}, path)
-        return path
+    def _to_parts(self) -> Parts:
+        return Parts(fields={"reconstruction_error": self.reconstruction_error},
+                     tensors={name: getattr(self, name) for name in _TENSORS})
 
     @classmethod
-    def load(cls, path: str | Path) -> "DetachedJacobian":
-        """Read a file written by :meth:`save`; refuse files of another kind with a clear error.
+    def _from_parts(cls, parts: Parts) -> "DetachedJacobian":
+        return cls(**{name: parts.tensors[name] for name in _TENSORS}, settings=parts.fields["settings"],
+                   reconstruction_error=parts.fields["reconstruction_error"])
+
+    def svd(self, model: Any, *, top_k: int = 5, n_vectors: int = 3, n_rows: int = 3) -> "JacobianSVD":
+        """SVD of each ``J_i`` decoded to tokens with ``model``'s vocabulary (:mod:`toolkit.jacobian.analysis`).
+
+        ``model`` is the loaded model the Jacobian came from (any backend; a bare HF model needs
+        :func:`toolkit.make_backend` with its tokenizer for the token strings).
 
         Example:
-            >>> DetachedJacobian.load("/tmp/jac.pt")              # doctest: +SKIP
+            >>> jac = toolkit.detached_jacobian(model, "The bridge out of Marin is the")   # doctest: +SKIP
+            >>> jac.svd(model).top_tokens(position=-1, k=5)                               # doctest: +SKIP
+            [' Golden', ...]
         """
-        data = torch.load(Path(path), map_location="cpu", weights_only=True)
-        kind = data.get("kind") if isinstance(data, dict) else None
-        if kind != KIND:
-            raise ValueError(f"{path} is not a saved DetachedJacobian (found kind {kind!r}, expected {KIND!r}).")
-        if data.get("version") != VERSION:
-            raise ValueError(f"{path} was saved with DetachedJacobian format version {data.get('version')!r}; "
-                             f"this toolkit reads version {VERSION}.")
-        return cls(jacobian=data["jacobian"], y=data["y"], x=data["x"], c=data["c"], token_ids=data["token_ids"],
-                   settings=data["settings"], reconstruction_error=data["reconstruction_error"])
+        from toolkit.backends import as_backend
+        from toolkit.jacobian.analysis import analyze_with_model
+        return analyze_with_model(self, as_backend(model), top_k=top_k, n_vectors=n_vectors, n_rows=n_rows)
+
+    def figure(self, ordinary: "DetachedJacobian | None" = None, max_points: int = 5000):
+        """``y`` against ``sum_i J_i x_i + c`` (exact on the diagonal), with an ordinary Jacobian for contrast.
+
+        Example:
+            >>> fig = jac.figure()                                                        # doctest: +SKIP
+        """
+        from toolkit.plots.jacobian import reconstruction_scatter
+        return reconstruction_scatter(self, ordinary, max_points=max_points)
 
     def __repr__(self) -> str:
         T, d_out, d_in = self.jacobian.shape
         what = "detached" if self.detached else "ordinary"
         return (f"DetachedJacobian({what}, target={self.settings.get('target')!r}, T={T}, d_out={d_out}, "
                 f"d_in={d_in}, rel_err={self.reconstruction_error:.2e})")
-
-
-def relative_error(estimate: Tensor, reference: Tensor) -> float:
-    """``||estimate - reference|| / ||reference||`` in float64.
-
-    Example:
-        >>> relative_error(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 1.0]))
-        0.0
-    """
-    ref = reference.double()
-    return float((estimate.double() - ref).norm() / ref.norm().clamp_min(1e-300))
