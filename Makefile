@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: setup browser demo test bench clean-cache
+.PHONY: setup browser demo test bench gpu-check clean-cache
 
 setup: $(STAMP)
 
@@ -47,6 +47,11 @@ test: setup browser
 
 bench: setup
 	$(PY) -m benchmarks.run --out benchmarks/results
+
+# Both analyses on CUDA in float32 and bfloat16 (SmolLM2, and Qwen2.5-Coder-1.5B when installed):
+# timings and peak CUDA memory. Stops with a message where no GPU is visible.
+gpu-check: setup
+	$(PY) -m benchmarks.gpu_check --out benchmarks/results
 
 clean-cache:
 	rm -rf $${TOOLKIT_CACHE:-$$HOME/.cache/layerlens-toolkit}/activations

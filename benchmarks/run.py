@@ -7,7 +7,7 @@ import inspect
 import os
 from pathlib import Path
 
-BENCHMARKS = ("collect", "decompose", "jacobian", "families")
+BENCHMARKS = ("collect", "decompose", "jacobian", "families", "scaling")
 
 
 def main() -> None:

@@ -40,6 +40,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from toolkit.models.placement import execution_device, input_device, parameter
+
 if TYPE_CHECKING:
     from toolkit.prompts import Prompt
 
@@ -88,11 +90,24 @@ class Backend(ABC):
 
     @property
     def device(self) -> torch.device:
-        return next(self.hf_model.parameters()).device
+        """Where token ids and input embeddings go: the input embedding's execution device.
+
+        For a model dispatched by accelerate (``device_map``) blocks may sit on other devices or be
+        offloaded (their parameters on ``meta`` between calls); tensors meant for block ``l`` go to
+        :meth:`boundary_device` instead.
+        """
+        return input_device(self.hf_model)
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.hf_model.parameters()).dtype
+        """The parameters' floating dtype (offloaded ones keep theirs on ``meta``)."""
+        return next(p.dtype for p in self.hf_model.parameters() if p.is_floating_point())
+
+    def boundary_device(self, layer: int) -> torch.device:
+        """The device ``h_layer`` is consumed on: block ``layer``'s (the final norm's for the last boundary)."""
+        self.check_boundary(layer)
+        module = self.final_norm if layer == self.n_layers else self.blocks[layer]
+        return execution_device(module)
 
     def __repr__(self) -> str:
         i = self.info
@@ -192,13 +207,13 @@ class Backend(ABC):
     # ----- embedding, final norm, unembedding (shared HF modules) ---------------------------
     @property
     def W_E(self) -> Tensor:
-        """Token embedding matrix ``[vocab, d_model]`` (before any Gemma scale)."""
-        return self.hf_model.get_input_embeddings().weight
+        """Token embedding matrix ``[vocab, d_model]`` (before any Gemma scale); loaded when offloaded."""
+        return parameter(self.hf_model.get_input_embeddings())
 
     @property
     def W_U(self) -> Tensor:
-        """Unembedding matrix ``[d_model, vocab]`` (transpose of the lm_head weight)."""
-        return self.hf_model.get_output_embeddings().weight.T
+        """Unembedding matrix ``[d_model, vocab]`` (transpose of the lm_head weight); loaded when offloaded."""
+        return parameter(self.hf_model.get_output_embeddings()).T
 
     @property
     def final_norm(self) -> nn.Module:

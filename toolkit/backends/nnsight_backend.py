@@ -20,6 +20,20 @@ from torch import Tensor
 
 from toolkit.backends.base import Backend, ModelInfo, Patch
 from toolkit.models.architectures import spec_for
+from toolkit.models.placement import input_device
+
+
+class PlacedNNsight(NNsight):
+    """``NNsight`` whose inputs go to the input embedding's execution device.
+
+    nnsight moves a trace's inputs to ``Envoy.device``, the device of the model's *first
+    parameter*; when accelerate has offloaded that parameter (``device_map`` with disk or CPU
+    offload) it is ``meta``, and the inputs would be sent there.
+    """
+
+    @property
+    def device(self) -> torch.device:
+        return input_device(self._module)
 
 
 class NNsightBackend(Backend):
@@ -27,7 +41,12 @@ class NNsightBackend(Backend):
 
     def __init__(self, hf_model, tokenizer, info: ModelInfo, traced: NNsight | None = None):
         super().__init__(hf_model, tokenizer, info)
-        self.traced = traced if traced is not None else NNsight(hf_model)
+        if traced is not None and traced.device is not None and traced.device.type == "meta":
+            raise ValueError("this nnsight wrapper would send its inputs to the meta device: nnsight reads the "
+                             "device of the model's first parameter, which accelerate offloaded. Pass the HF "
+                             "model itself (make_backend(hf_model, ...) wraps it so that inputs go to the input "
+                             "embedding's device), or keep the input embedding in memory in the device_map.")
+        self.traced = traced if traced is not None else PlacedNNsight(hf_model)
         self._blocks_path = spec_for(hf_model).blocks_path().split(".")
 
     def _traced_blocks(self):
@@ -48,7 +67,8 @@ class NNsightBackend(Backend):
             for l in sorted(set(layers)):
                 saved[l] = (blocks[0].input if l == 0 else _first(blocks[l - 1].output)).save()
             tracer.stop()  # nothing above the last boundary asked for is needed: skip the rest and the unembedding
-        return torch.stack([saved[l] for l in layers])
+        # A model split across devices (device_map) hands each boundary over where its block ran.
+        return torch.stack([saved[l].to(self.device) for l in layers])
 
     def run_with_patches(self, input_ids: Tensor, patches: Sequence[Patch], **forward_kwargs) -> Tensor:
         input_ids = self.check_tokens(input_ids)
@@ -63,10 +83,13 @@ class NNsightBackend(Backend):
                     target = _first(blocks[patch.layer - 1].output)  # edited in place: the norm sees it
                 else:
                     target = blocks[patch.layer].input
+                # The patched tensor lives where the block before it ran (device_map: any device).
+                rows, positions = patch.rows.to(target.device), patch.positions.to(target.device)
+                values = patch.values.to(target.device)
                 if patch.add:
-                    target[patch.rows, patch.positions] = target[patch.rows, patch.positions] + patch.values
+                    target[rows, positions] = target[rows, positions] + values
                 else:
-                    target[patch.rows, patch.positions] = patch.values
+                    target[rows, positions] = values
             out = self.traced.output.save()
         return out.logits if hasattr(out, "logits") else out[0]
 

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from toolkit.backends.base import Backend, ModelInfo, Patch
+from toolkit.models.placement import is_dispatched
 
 
 class TransformerLensBackend(Backend):
@@ -36,8 +37,11 @@ class TransformerLensBackend(Backend):
                 raise ValueError(f"TransformerLens' TransformerBridge has no adapter for {hf_class} "
                                  f"({info.architecture}); use backend='nnsight', which serves every family.")
             # The name only picks TL's defaults; architecture and weights come from hf_model.
+            # A model placed by accelerate (device_map) keeps its placement: TransformerLens reads it from
+            # hf_device_map; a device here would ask it to move the model.
+            device = None if is_dispatched(hf_model) else str(self.device)
             bridge = TransformerBridge.boot_transformers(info.model_id, hf_model=hf_model, tokenizer=tokenizer,
-                                                         device=str(self.device), dtype=self.dtype)
+                                                         device=device, dtype=self.dtype)
         self.bridge = bridge
 
     def hook_name(self, layer: int) -> str:
@@ -54,7 +58,7 @@ class TransformerLensBackend(Backend):
         with torch.no_grad():
             kwargs = {} if kv_cache is None else {"past_key_values": kv_cache, "use_cache": True}
             _, cache = self.bridge.run_with_cache(input_ids, names_filter=lambda n: n in names, **kwargs)
-        return torch.stack([cache[self.hook_name(l)] for l in layers])
+        return torch.stack([cache[self.hook_name(l)].to(self.device) for l in layers])  # device_map: any device
 
     def run_with_patches(self, input_ids: Tensor, patches: Sequence[Patch], **forward_kwargs) -> Tensor:
         input_ids = self.check_tokens(input_ids)
@@ -64,6 +68,7 @@ class TransformerLensBackend(Backend):
 
             def replace(resid: Tensor, hook, patch: Patch = patch) -> Tensor:
                 resid = resid.clone()
+                patch = patch.on(resid.device, resid.dtype)  # where the hook runs (device_map: any device)
                 if patch.add:
                     resid[patch.rows, patch.positions] += patch.values
                 else:
@@ -89,7 +94,7 @@ class TransformerLensBackend(Backend):
             captured: list[Tensor] = []
 
             def put_x(resid: Tensor, hook) -> Tensor:
-                return x[None].to(resid.dtype)
+                return x[None].to(resid.device, resid.dtype)  # where block 0 runs (device_map: any device)
 
             def grab(resid: Tensor, hook) -> None:
                 captured.append(resid)

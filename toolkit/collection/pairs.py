@@ -158,13 +158,13 @@ def collect_hidden_states(model: Backend, tokens: Tensor, positions: Tensor, lay
                    unit="batch")
         for start in bar:
             ids = tokens[start:start + batch_size]
-            pos = positions[start:start + batch_size].to(model.device)
+            pos = positions[start:start + batch_size]
             kv = _new_kv_cache(model) if keep_kv_cache else None
             hs = model.hidden_states(ids, boundaries, kv_cache=kv)      # [n_b, B, T, d]
             if kv is not None:
                 kv_caches.append((start, kv))
-            rows = torch.arange(ids.shape[0], device=model.device)[:, None]
-            picked = hs[:, rows, pos].reshape(len(boundaries), -1, model.d_model)
+            rows = torch.arange(ids.shape[0], device=hs.device)[:, None]
+            picked = hs[:, rows, pos.to(hs.device)].reshape(len(boundaries), -1, model.d_model)
             picked = picked.float().cpu().numpy()
             writer.write_rows(start * per_text, {l: picked[i] for i, l in enumerate(boundaries)})
         writer.commit(meta, tokens=tokens.cpu().numpy().astype(np.int64),

@@ -36,6 +36,7 @@ from toolkit.backends.base import Backend, Patch
 from toolkit.backends.incremental import (cache_kwargs, full_cache, full_cache_supported, prefix_caches,
                                           repeat_cache, run_queries)
 from toolkit.decompose.kl import kl_divergence, kl_from_normed, kl_many, linear_unembedding
+from toolkit.models.placement import output_device, parameter
 
 __all__ = ["kl_divergence", "kl_many", "boundary_of", "patched_kl", "patched_kl_plain"]
 
@@ -119,15 +120,19 @@ def _kl_from_full_caches(model: Backend, tokens: Tensor, positions: Tensor, valu
     for key in keys:
         by_boundary.setdefault(boundary_of(key), []).append(key)
     head = linear_unembedding(model.hf_model)      # then KL from hidden states: no variant's logits formed
+    # The KL runs where the head runs; its weights are read once (loaded when offloaded).
+    kl_device = output_device(model.hf_model)
+    weight = None if head is None else parameter(head)
+    bias = None if head is None or head.bias is None else parameter(head, "bias")
     pending: list[tuple[list, Tensor]] = []            # (keys, normed_q) not yet scored
 
     def score() -> None:
         # Several boundaries' variants scored at once: the vocabulary products run on >= kl_rows
         # rows (192-row products run at 70% of the speed of 576-row ones here).
         names = [key for chunk, _ in pending for key in chunk]
-        normed_q = torch.cat([q for _, q in pending], dim=1)
+        normed_q = torch.cat([q.to(kl_device) for _, q in pending], dim=1)
         if head is not None:
-            kl = kl_from_normed(normed_p, normed_q, head.weight, head.bias, p, p_weight)
+            kl = kl_from_normed(normed_p, normed_q, weight, bias, p, p_weight)
         else:
             kl = kl_many(logits_p, model.unembed_normed(normed_q), p)
         kl = kl.cpu()                                                       # [n * per_text, len(names)]
@@ -138,15 +143,16 @@ def _kl_from_full_caches(model: Backend, tokens: Tensor, positions: Tensor, valu
     bar = tqdm(total=n_texts, desc="interventions", disable=not progress, unit="text")
     for start, n, cache in batches:
         rows = slice(start * per_text, (start + n) * per_text)
-        pos = positions[start:start + n].to(model.device)
+        pos = positions[start:start + n]
         if cache is None:
             cache, normed = full_cache(model, tokens[start:start + n])
-            normed_p = normed[torch.arange(n, device=model.device)[:, None], pos].flatten(0, 1)
+            normed_p = normed[torch.arange(n, device=normed.device)[:, None], pos.to(normed.device)].flatten(0, 1)
         else:
-            normed_p = model.final_norm(final_states[rows].to(model.device, model.dtype))
-        logits_p = model.unembed_normed(normed_p)
+            normed_p = model.final_norm(final_states[rows].to(model.boundary_device(model.n_layers), model.dtype))
+        normed_p = normed_p.to(kl_device)
+        logits_p = model.unembed_normed(normed_p).to(kl_device)
         p = torch.softmax(logits_p.float(), dim=-1)                        # [n * per_text, vocab]
-        p_weight = None if head is None else p @ head.weight.float()       # shared by every boundary
+        p_weight = None if head is None else p @ weight.float()            # shared by every boundary
         per_call = max(1, max_rows // n)
         for b, group in by_boundary.items():
             for chunk in (group[i:i + per_call] for i in range(0, len(group), per_call)):

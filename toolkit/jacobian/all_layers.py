@@ -236,7 +236,7 @@ def all_layer_jacobians(model: Any, prompt: Prompt, *, position: int = -1,
                 if mode == "reverse":  # d_out rows per target, from its own graph (its own depth)
                     for y in ys:
                         jacs.append(jacobian_by_rows(lambda u, y=y: batched_vjp(y, xg, u, chunk_size), y.shape[0],
-                                                     (T, d), chunk_size, dtype=y.dtype, device=y.device))
+                                                     (T, d), chunk_size, dtype=y.dtype, device=x.device))
                 else:  # column (i, k) of every target's J from one JVP of e_{i,k}
                     n = T * d
                     cols = [x.new_empty(n, y.shape[0]) for y in ys]  # [T*d, d_out] each

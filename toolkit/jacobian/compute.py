@@ -17,6 +17,11 @@ stays bounded by one chunk; ``mode="forward"`` builds the columns from batched J
 ``c = F(0)`` is evaluated with the factors recorded at ``x`` held fixed, and
 ``y = sum_i J_i x_i + c`` holds to float rounding.
 
+Precision: ``J``, ``y``, ``x`` and ``c`` come in the model's dtype; the reconstruction error is
+evaluated in float64, so it measures the dtype's own rounding (SmolLM2: ~5e-7 float32, ~1e-3
+float16, ~1e-2 bfloat16). On a model split across devices (accelerate ``device_map``) ``J`` is
+built on the input's device, and ``y`` and ``c`` are brought there.
+
 Example:
     >>> import torch
     >>> from toolkit.models.tiny import tiny_hf_model
@@ -220,7 +225,7 @@ def jacobian_terms(hf_model: nn.Module, f: Callable[[Tensor], Tensor], x: Tensor
             raise ValueError(f"y must be a vector [d_out], got shape {tuple(y.shape)}.")
         d_out = y.shape[0]
         if mode == "reverse":  # rows written in place: peak memory = J + one chunk
-            jac = jacobian_by_rows(op.vjp, d_out, tuple(x.shape), chunk_size, dtype=y.dtype, device=y.device)
+            jac = jacobian_by_rows(op.vjp, d_out, tuple(x.shape), chunk_size, dtype=y.dtype, device=x.device)
         else:
             jac = op.dense(mode).reshape(d_out, *x.shape).movedim(0, -2).contiguous()
         c = op.constant()
@@ -255,7 +260,10 @@ def build_result(hf_model: nn.Module, ids: Tensor, x: Tensor, y: Tensor, jac: Te
                 "position": position if position >= 0 else ids.numel() + position, "detached": detached,
                 "chunk_size": chunk_size, "dtype": str(x.dtype), "n_layers": len(spec.blocks(hf_model)),
                 "notes": notes, **extra_settings}
-    return DetachedJacobian(jacobian=jac.detach(), y=y.detach(), x=x.detach(), c=c.detach(), token_ids=ids.cpu(),
+    # On a model split across devices y and c come out where the target is read, x where it goes in.
+    device = jac.device
+    return DetachedJacobian(jacobian=jac.detach(), y=y.detach().to(device), x=x.detach().to(device),
+                            c=c.detach().to(device), token_ids=ids.cpu(),
                             settings=settings)
 
 

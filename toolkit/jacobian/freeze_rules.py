@@ -66,6 +66,7 @@ from transformers.models.smollm3 import modeling_smollm3 as smollm3
 from transformers.pytorch_utils import Conv1D
 
 from toolkit.jacobian.factors import FactorStore
+from toolkit.models.placement import parameter
 
 Undo = Callable[[], None]
 Install = Callable[[nn.Module, str, FactorStore], list[Undo]]
@@ -92,6 +93,10 @@ class Rule:
 def swap_forward(module: nn.Module, new_forward: Callable) -> Undo:
     """Give ``module`` an instance-level ``forward``; the returned callable restores the old state.
 
+    A module placed by accelerate (``device_map``) carries ``AlignDevicesHook``'s wrapper as its
+    instance ``forward`` and its own forward as ``_old_forward``: the latter is swapped, so the
+    hook still moves inputs and loads offloaded weights around the frozen forward.
+
     A module instrumented by nnsight (0.8) already carries an instance-level ``forward``: its
     ``Controller``, which hands ``.input``/``.output`` to a running trace and then calls
     ``controller.state.body``. Replacing the controller would hide the module from nnsight
@@ -104,7 +109,8 @@ def swap_forward(module: nn.Module, new_forward: Callable) -> Undo:
         >>> undo(); "forward" in vars(lin)
         False
     """
-    controller_state = getattr(vars(module).get("forward"), "state", None)
+    controller_state = (getattr(vars(module).get("forward"), "state", None)
+                        or getattr(vars(module).get("_old_forward"), "state", None))
     if controller_state is not None and hasattr(controller_state, "body"):  # nnsight Controller
         old_body = controller_state.body
 
@@ -113,6 +119,18 @@ def swap_forward(module: nn.Module, new_forward: Callable) -> Undo:
 
         controller_state.body = lambda _self, *args, **kwargs: new_forward(*args, **kwargs)
         return undo_body
+
+    if "_hf_hook" in vars(module) and "_old_forward" in vars(module):
+        # accelerate (device_map): the instance forward is AlignDevicesHook's wrapper, which moves the
+        # inputs and loads offloaded weights, then calls ``_old_forward``. Swap that slot, so the
+        # frozen forward runs with the weights in place (replacing ``forward`` would run it on meta).
+        old_inner = vars(module)["_old_forward"]
+
+        def undo_inner() -> None:
+            module._old_forward = old_inner
+
+        module._old_forward = new_forward
+        return undo_inner
 
     had_own = "forward" in vars(module)
     old = vars(module).get("forward")
@@ -331,16 +349,19 @@ def _install_mamba_mixer(m: nn.Module, path: str, store: FactorStore) -> list[Un
         A = -torch.exp(m.A_log.float())
         u, gate = projected.chunk(2, dim=1)
         # Depthwise causal conv (linear, bias = constant), then its activation as u * [gate(u)].
-        u = F.conv1d(u.to(m.conv1d.weight.dtype), m.conv1d.weight, m.conv1d.bias,
-                     padding=m.conv1d.weight.shape[-1] - 1, groups=m.intermediate_size)[:, :, :seq_len]
+        # The children's weights are read directly (not through their own calls): parameter() loads
+        # them from accelerate's offload store when the model is offloaded.
+        conv_w, conv_b = parameter(m.conv1d, "weight"), parameter(m.conv1d, "bias")
+        u = F.conv1d(u.to(conv_w.dtype), conv_w, conv_b, padding=conv_w.shape[-1] - 1,
+                     groups=m.intermediate_size)[:, :, :seq_len]
         u = (u * store.get(f"{path}:conv_gate", lambda: conv_gate(u))).to(dtype)
         u = mamba.apply_mask_to_padding_states(u.transpose(1, 2), attention_mask)  # [b, s, inter]
         # The selection (Δ, B, C) depends on u: one detached factor, then the slow-path scan.
         selection = store.get(f"{path}:selection", lambda: m.x_proj(u))
         time_step, B, C = torch.split(selection, [m.time_step_rank, m.ssm_state_size, m.ssm_state_size], dim=-1)
-        dt = m.dt_proj.weight @ time_step.transpose(1, 2)
+        dt = parameter(m.dt_proj, "weight") @ time_step.transpose(1, 2)
         if m.dt_proj.bias is not None:
-            dt = dt + m.dt_proj.bias.float()[..., None]
+            dt = dt + parameter(m.dt_proj, "bias").float()[..., None]
         dt = F.softplus(dt)
         hs = u.transpose(1, 2)  # [b, inter, s]
         discrete_A = torch.exp(A[None, :, None, :] * dt[:, :, :, None])
@@ -364,8 +385,8 @@ def _rules() -> dict[type, Rule]:
         for cls in classes:
             table[cls] = Rule(kind, install, note, gain)
 
-    def weight(m: nn.Module) -> Tensor | None:
-        return m.weight
+    def weight(m: nn.Module) -> Tensor | None:  # values, even when offloaded (meta between calls)
+        return parameter(m) if m.weight is not None else None
 
     add([llama.LlamaRMSNorm, qwen3.Qwen3RMSNorm, mamba.MambaRMSNorm, mistral.MistralRMSNorm,
          ministral.MinistralRMSNorm, ministral3.Ministral3RMSNorm, phi3.Phi3RMSNorm, smollm3.SmolLM3RMSNorm],
@@ -373,7 +394,7 @@ def _rules() -> dict[type, Rule]:
     # OLMo 2 also norms the flattened q and k (QK-norm: inside the detached pattern) and each sublayer's output
     add([olmo2.Olmo2RMSNorm], "norm", _install_rmsnorm_weight_first, "w * x * [rsqrt(mean(x^2)+eps)]", weight)
     add([gemma3.Gemma3RMSNorm, gemma2.Gemma2RMSNorm, gemma.GemmaRMSNorm], "norm", _install_gemma_rmsnorm,
-        "(1+w) * x * [rsqrt(mean(x^2)+eps)]", lambda m: 1.0 + m.weight)
+        "(1+w) * x * [rsqrt(mean(x^2)+eps)]", lambda m: 1.0 + parameter(m))
     add([nn.LayerNorm], "norm", _install_layernorm, "(x-mean) * [rsqrt(var+eps)] * w + b", weight)
     add(list(ACTIVATION_GATES), "activation", _install_activation, "x * [act(x)/x]")
     add([llama.LlamaMLP, qwen3.Qwen3MLP, gemma3.Gemma3MLP, mistral.MistralMLP, ministral.MinistralMLP,

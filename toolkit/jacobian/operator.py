@@ -72,7 +72,7 @@ def batched_vjp(y: Tensor, x: Tensor, cotangents: Tensor, chunk_size: int = 64) 
                          f"got {tuple(cotangents.shape)}.")
     out = []
     for start in range(0, cotangents.shape[0], chunk_size):
-        chunk = cotangents[start:start + chunk_size].to(y.dtype)
+        chunk = cotangents[start:start + chunk_size].to(y.device, y.dtype)  # y's device: the last module's
         (grads,) = torch.autograd.grad(y, x, grad_outputs=chunk, retain_graph=True, is_grads_batched=True)
         out.append(grads)
     return torch.cat(out) if out else cotangents.new_zeros(0, *x.shape)
@@ -101,7 +101,7 @@ def batched_jvp(f: Callable[[Tensor], Tensor], x: Tensor, tangents: Tensor, chun
     parts = []
     with torch.no_grad():
         for start in range(0, tangents.shape[0], chunk_size):
-            parts.append(torch.func.vmap(one)(tangents[start:start + chunk_size].to(x.dtype)))
+            parts.append(torch.func.vmap(one)(tangents[start:start + chunk_size].to(x.device, x.dtype)))
     if isinstance(parts[0], tuple):
         return tuple(torch.cat(p) for p in zip(*parts))
     return torch.cat(parts)
@@ -199,7 +199,7 @@ class FrozenOperator:
             raise ValueError(f"tangents must be [B, *x.shape] = [B, {', '.join(map(str, self.x.shape))}], "
                              f"got {tuple(tangents.shape)}.")
         if self.jvp_route == "replay":
-            return batched_replay(self.f, tangents.to(self.x.dtype), self.chunk_size)
+            return batched_replay(self.f, tangents.to(self.x.device, self.x.dtype), self.chunk_size)
         return batched_jvp(self.f, self.x, tangents, self.chunk_size)
 
     def vjp(self, cotangents: Tensor) -> Tensor:

@@ -54,6 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from toolkit.models.architectures import spec_for
+from toolkit.models.placement import input_device
 
 Target = Union[int, str, tuple]
 Kind = Literal["output", "resid", "attn", "mlp", "block"]
@@ -270,7 +271,7 @@ def run_reading(hf_model: nn.Module, modules: list[nn.Module], *, inputs_embeds:
         if inputs_embeds is not None:
             base(inputs_embeds=inputs_embeds, use_cache=False)
         else:
-            base(input_ids=_as_ids(input_ids)[None].to(next(hf_model.parameters()).device), use_cache=False)
+            base(input_ids=_as_ids(input_ids)[None].to(input_device(hf_model)), use_cache=False)
     except _Read:
         pass
     finally:
@@ -293,7 +294,7 @@ def input_embeddings(hf_model: nn.Module, input_ids: Tensor) -> Tensor:
         torch.Size([2, 64])
     """
     spec = spec_for(hf_model)
-    ids = _as_ids(input_ids).to(next(hf_model.parameters()).device)
+    ids = _as_ids(input_ids).to(input_device(hf_model))
     with torch.no_grad():
         x = hf_model.get_input_embeddings()(ids)  # Gemma's scaled embedding applies its sqrt(d) here
         pos_attr = POSITION_EMBEDDINGS.get(spec.family)

@@ -28,6 +28,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from toolkit.models.placement import parameter
+
 # Config entries that say where or how a model was loaded or is run, not what it computes.
 _NOT_IDENTITY = {"transformers_version", "torch_dtype", "dtype", "use_cache", "output_attentions",
                  "output_hidden_states", "return_dict"}
@@ -54,8 +56,8 @@ def named_weights(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, to
         yield from named_weights(original, prefix)
         return
     for name, p in module._parameters.items():
-        if p is not None:
-            yield prefix + name, p
+        if p is not None:  # offloaded (accelerate, meta between calls): its values from the offload store
+            yield prefix + name, (parameter(module, name) if p.device.type == "meta" else p)
     for name, b in module._buffers.items():
         if b is not None and name not in module._non_persistent_buffers_set:
             yield prefix + name, b

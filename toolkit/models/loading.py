@@ -1,5 +1,11 @@
 """``load_model``: one entry point from a name, a folder or a model object to a :class:`Backend`.
 
+Precision: ``dtype="bfloat16"`` / ``"float16"`` runs the model (forwards, patches, steering edits,
+Jacobian rows) in that dtype; the steps that need more stay upcast whatever it is: stored
+states float32, local fits on them with float64 SVDs, KL with float64 accumulation,
+reconstruction errors and Jacobian SVDs in float64. Placement: ``device_map`` / ``max_memory`` /
+``offload_folder`` go to ``from_pretrained`` (accelerate); see :mod:`toolkit.models.placement`.
+
 Example:
     >>> import toolkit
     >>> model = toolkit.load_model()                       # SmolLM2-135M, offline  # doctest: +SKIP
@@ -63,9 +69,9 @@ def _check_model_folder(folder: Path) -> None:
                          f"(python -m toolkit models lists them) or a hub id (org/name).")
 
 
-def _from_folder(folder: Path, dtype: torch.dtype, device: str):
+def _from_folder(folder: Path, dtype: torch.dtype, device: str, placement: dict | None = None):
     _check_model_folder(folder)
-    return _from_folder_or_hub(str(folder), dtype, device, local_only=True)
+    return _from_folder_or_hub(str(folder), dtype, device, local_only=True, placement=placement)
 
 
 def hub_reachable(timeout: float = 2.0) -> bool:
@@ -79,11 +85,11 @@ def hub_reachable(timeout: float = 2.0) -> bool:
         return False
 
 
-def _from_hub(hub_id: str, dtype: torch.dtype, device: str):
+def _from_hub(hub_id: str, dtype: torch.dtype, device: str, placement: dict | None = None):
     # Without a hub, read only the local cache: transformers would otherwise retry for ~45 s.
     local_only = not hub_reachable()
     try:
-        return _from_folder_or_hub(hub_id, dtype, device, local_only)
+        return _from_folder_or_hub(hub_id, dtype, device, local_only, placement)
     except OSError as err:
         raise OSError(f"could not load {hub_id!r} from the Hugging Face hub: it is not in the local cache and "
                       f"the hub cannot be reached (or HF_HUB_OFFLINE=1 is set). Download it where you have a "
@@ -91,15 +97,51 @@ def _from_hub(hub_id: str, dtype: torch.dtype, device: str):
                       f"load_model('DIR'). Offline models here: smollm2-135m, gemma-3-270m.") from err
 
 
-def _from_folder_or_hub(name: str, dtype: torch.dtype, device: str, local_only: bool = False):
+def _from_folder_or_hub(name: str, dtype: torch.dtype, device: str, local_only: bool = False,
+                        placement: dict | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
-    hf_model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local_only).to(device).eval()
-    return hf_model, tokenizer
+    if placement:  # accelerate places (and offloads) the modules itself: no .to() afterwards
+        hf_model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local_only, **placement)
+    else:
+        hf_model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local_only).to(device)
+    return hf_model.eval(), tokenizer
+
+
+def placement_kwargs(device_map, max_memory, offload_folder) -> dict:
+    """The accelerate placement arguments for ``from_pretrained``, checked before anything loads.
+
+    Example:
+        >>> placement_kwargs("auto", {"cpu": "200MB"}, "/tmp/offload")["device_map"]
+        'auto'
+        >>> placement_kwargs(None, None, None)
+        {}
+    """
+    if device_map is None:
+        if max_memory is not None or offload_folder is not None:
+            raise ValueError("max_memory and offload_folder only apply with a device_map: pass device_map='auto' "
+                             "(or a dict of module name -> 'cpu' / 'disk' / GPU index).")
+        return {}
+    if isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential") \
+            and not device_map.startswith(("cpu", "cuda", "mps", "xpu")):
+        raise ValueError(f"unknown device_map {device_map!r}: use 'auto', 'balanced', 'sequential', a device "
+                         f"('cuda:0') or a dict of module name -> device ('cpu', 'disk', 0, ...).")
+    if isinstance(device_map, dict) and "disk" in device_map.values() and offload_folder is None:
+        raise ValueError("device_map sends modules to 'disk': pass offload_folder=DIR for their weights.")
+    import importlib.util
+    if importlib.util.find_spec("accelerate") is None:
+        raise ImportError("device_map needs HF accelerate: pip install accelerate.")
+    kwargs = {"device_map": device_map}
+    if max_memory is not None:
+        kwargs["max_memory"] = max_memory
+    if offload_folder is not None:
+        kwargs["offload_folder"] = str(offload_folder)
+    return kwargs
 
 
 def load_model(name_or_path=DEFAULT_MODEL, backend: str | None = None, dtype: str | torch.dtype | None = None,
-               device: str | None = None) -> Backend:
+               device: str | None = None, *, device_map: str | dict | None = None, max_memory: dict | None = None,
+               offload_folder: str | Path | None = None) -> Backend:
     """Load a model and wrap it in the backend that serves it.
 
     Args:
@@ -107,28 +149,36 @@ def load_model(name_or_path=DEFAULT_MODEL, backend: str | None = None, dtype: st
             folder saved with ``save_pretrained``, or a model object (HF, nnsight, TransformerBridge).
         backend: ``"transformer_lens"`` (alias ``"tl"``) or ``"nnsight"``; default by architecture.
         dtype: ``float32`` (default), ``bfloat16`` or ``float16``.
-        device: default ``cuda`` when available, else ``cpu``.
+        device: default ``cuda`` when available, else ``cpu`` (ignored with ``device_map``).
+        device_map, max_memory, offload_folder: passed to HuggingFace ``from_pretrained`` (accelerate):
+            shard the blocks across GPUs (``device_map="auto"``), cap each device (``max_memory=
+            {0: "20GiB", "cpu": "60GiB"}``) and offload the rest to CPU RAM or to ``offload_folder`` on
+            disk. Both backends and both analyses run on the placed model (see the README's "Bigger
+            models"); a module-name dict (``{"model.layers.1": "disk", ...}``) places by hand.
 
     Example:
         >>> model = load_model("smollm2-135m", backend="tl")     # doctest: +SKIP
         >>> model.n_layers, model.d_model                         # doctest: +SKIP
         (30, 576)
+        >>> big = load_model("smollm2-135m", device_map="auto", max_memory={"cpu": "300MB"},
+        ...                  offload_folder="/tmp/offload")           # doctest: +SKIP
     """
     if not isinstance(name_or_path, (str, Path)):
         return make_backend(name_or_path, backend=backend)
     torch_dtype = resolve_dtype(dtype)
+    placement = placement_kwargs(device_map, max_memory, offload_folder)
     device = resolve_device(device)
     name = str(name_or_path)
     entry = find_entry(name)
     if Path(name).expanduser().is_dir():
-        hf_model, tokenizer = _from_folder(Path(name).expanduser(), torch_dtype, device)
+        hf_model, tokenizer = _from_folder(Path(name).expanduser(), torch_dtype, device, placement)
         model_id = str(Path(name).expanduser().resolve())
     elif entry is not None and entry.pip_source is not None:
-        hf_model, tokenizer = _from_folder(converted_folder(entry.pip_source), torch_dtype, device)
+        hf_model, tokenizer = _from_folder(converted_folder(entry.pip_source), torch_dtype, device, placement)
         model_id = entry.name
     elif entry is not None or "/" in name:
         hub_id = entry.hub_id if entry else name
-        hf_model, tokenizer = _from_hub(hub_id, torch_dtype, device)
+        hf_model, tokenizer = _from_hub(hub_id, torch_dtype, device, placement)
         model_id = entry.name if entry else name
     else:
         raise ValueError(f"unknown model id {name!r}. Known ids: {', '.join(known_ids())}. "
