@@ -39,14 +39,23 @@ def resolve_backend_name(backend: str | None, hf_model) -> str:
     return key
 
 
-def make_backend(model, tokenizer=None, backend: str | None = None, model_id: str | None = None) -> Backend:
+def make_backend(model, tokenizer=None, backend: str | None = None, model_id: str | None = None,
+                 remote: bool | str = False) -> Backend:
     """Wrap a model the user already has: a HF causal LM, an ``nnsight.NNsight`` /
-    ``nnsight`` language model, or a TransformerLens ``TransformerBridge``."""
+    ``nnsight`` language model, or a TransformerLens ``TransformerBridge``.
+
+    ``remote``: ``True`` runs the remote-capable stages on NDIF, ``"local"`` in nnsight's simulation
+    of a remote run (nnsight backend only; see :mod:`toolkit.backends.remote`).
+    """
     from toolkit.backends.nnsight_backend import NNsightBackend
     from toolkit.backends.transformer_lens_backend import TransformerLensBackend
 
+    from toolkit.backends.base import no_remote_error
+    from toolkit.backends.remote import check_remote
+
+    remote = check_remote(remote)          # key and service first, before any work
     if isinstance(model, Backend):
-        return model
+        return model.with_remote(remote)
     kind = type(model).__name__
     bridge = traced = None
     if kind == "HookedTransformer":
@@ -65,9 +74,11 @@ def make_backend(model, tokenizer=None, backend: str | None = None, model_id: st
     model_id = model_id or getattr(hf_model.config, "_name_or_path", "") or kind
     info = model_info(hf_model, model_id)
     name = resolve_backend_name(backend, hf_model)
+    if remote and name != "nnsight":
+        raise no_remote_error(name, remote)
     if name == "nnsight":
-        return NNsightBackend(hf_model, tokenizer, info, traced=traced)
-    return TransformerLensBackend(hf_model, tokenizer, info, bridge=bridge)
+        return NNsightBackend(hf_model, tokenizer, info, traced=traced).with_remote(remote)
+    return TransformerLensBackend(hf_model, tokenizer, info, bridge=bridge).with_remote(remote)
 
 
 __all__ = ["Backend", "ModelInfo", "BACKENDS", "make_backend", "model_info", "resolve_backend_name"]

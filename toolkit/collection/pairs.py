@@ -92,6 +92,8 @@ def model_fingerprint(model: Backend) -> str:
     h.update(model.hf_model.config.to_json_string(use_diff=False).encode())
     with torch.no_grad():
         for p in (model.W_E, next(model.blocks[-1].parameters())):
+            if p.is_meta:   # a remote model without local weights: its hub id and config name it
+                continue
             h.update(np.float64(p.double().sum().item()).tobytes())
             h.update(np.float64(p.double().abs().sum().item()).tobytes())
     return h.hexdigest()[:16]
@@ -99,8 +101,11 @@ def model_fingerprint(model: Backend) -> str:
 
 def cache_key(model: Backend, tokens: Tensor, positions: Tensor, boundaries: Sequence[int]) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({"model": model_fingerprint(model), "backend": model.name, "dtype": str(model.dtype),
-                         "boundaries": list(boundaries)}).encode())
+    settings = {"model": model_fingerprint(model), "backend": model.name, "dtype": str(model.dtype),
+                "boundaries": list(boundaries)}
+    if model.remote:        # states computed elsewhere (NDIF's hardware and checkpoint) are kept apart
+        settings["remote"] = model.remote
+    h.update(json.dumps(settings).encode())
     h.update(tokens.cpu().numpy().astype(np.int64).tobytes())
     h.update(positions.cpu().numpy().astype(np.int64).tobytes())
     return h.hexdigest()[:24]
@@ -153,11 +158,18 @@ def collect_hidden_states(model: Backend, tokens: Tensor, positions: Tensor, lay
     meta = {"model_id": model.info.model_id, "model_fingerprint": model_fingerprint(model), "backend": model.name,
             "dtype": str(model.dtype), "boundaries": boundaries, "n_texts": n_texts, "seq_len": tokens.shape[1],
             "per_text": per_text, "d_model": model.d_model}
-    keep_kv_cache = keep_kv_cache and model.n_layers in boundaries and model.info.architecture != "mamba"
+    keep_kv_cache = (keep_kv_cache and model.n_layers in boundaries and model.info.architecture != "mamba"
+                     and not model.remote)      # a remote run keeps nothing but the sampled states
     kv_caches: list | None = [] if keep_kv_cache else None
     with EntryWriter(entry, n_texts * per_text, model.d_model, boundaries) as writer:
-        bar = tqdm(range(0, n_texts, batch_size), desc=f"collect {model.info.model_id}", disable=not progress,
-                   unit="batch")
+        if model.remote:    # one request per group of texts; only the sampled positions come back
+            for first, picked in tqdm(model.remote_states(tokens, positions, boundaries, batch_size=batch_size),
+                                      desc=f"collect {model.info.model_id} (remote)", disable=not progress,
+                                      unit="request"):
+                picked = picked.numpy()
+                writer.write_rows(first * per_text, {l: picked[i] for i, l in enumerate(boundaries)})
+        bar = tqdm(range(0, 0 if model.remote else n_texts, batch_size), desc=f"collect {model.info.model_id}",
+                   disable=not progress or model.remote, unit="batch")
         for start in bar:
             ids = tokens[start:start + batch_size]
             pos = positions[start:start + batch_size].to(model.device)

@@ -111,7 +111,8 @@ def decompose(model: Backend, corpus: str | Corpus = "embedded", *, layers: Sequ
               seed: int = 0, compare_mlp: bool = True, mlp_steps: int = 300, random_control: bool = True,
               kl_positions: Literal["next", "later"] = "next", sweep_layer: int | None = None,
               sweep_k: Sequence[int] = (), sweep_rank: Sequence[int] = (), batch_size: int = 8,
-              n_boot: int = 1000, progress: bool = True, use_cache: bool = True) -> DecompositionResult:
+              n_boot: int = 1000, progress: bool = True, use_cache: bool = True,
+              remote: bool | str = False) -> DecompositionResult:
     """Run the tokenwise decomposition of layer updates (defaults: the paper's setup, appendix A.2).
 
     Args:
@@ -121,7 +122,11 @@ def decompose(model: Backend, corpus: str | Corpus = "embedded", *, layers: Sequ
         random_control: also measure KL for an equal-norm random perturbation of ``h_{l+1}``.
         sweep_layer, sweep_k, sweep_rank: Figure 5's sweeps at one layer (default: the middle one).
         use_cache: reuse (and write) the on-disk cache of collected states.
+        remote: run the collection and the interventions on NDIF (``True``; needs ``NDIF_API_KEY``)
+            or in nnsight's simulation of a remote run (``"local"``), a few requests for many texts;
+            the fits stay local. nnsight models only (see :mod:`toolkit.backends.remote`).
     """
+    model = model.with_remote(remote) if remote else model   # key and service checked before any work
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     layers = list(range(model.n_layers)) if layers is None else list(layers)
@@ -177,7 +182,8 @@ def decompose(model: Backend, corpus: str | Corpus = "embedded", *, layers: Sequ
                 "corpus": corpus if isinstance(corpus, str) else corpus.name, "layers": layers,
                 "function_class": function_class, "form": form, "k": k, "rank": rank, "n_train": n_train,
                 "n_test": n_test, "seq_len": seq_len, "per_text": per_text, "seed": seed,
-                "kl_positions": kl_positions, "compare_mlp": compare_mlp, "mlp_steps": mlp_steps}
+                "kl_positions": kl_positions, "compare_mlp": compare_mlp, "mlp_steps": mlp_steps,
+                "remote": model.remote}
     result = DecompositionResult.build(settings, anchors, n_boot=n_boot)
     t3 = time.perf_counter()
     if sweep_k or sweep_rank:
