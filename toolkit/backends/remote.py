@@ -125,6 +125,18 @@ def remotable(hf_model, tokenizer, repo_id: str | None = None):
     return wrapper
 
 
+def remotable_from_hub(hub_id: str):
+    """nnsight's ``TransformersModel`` for a hub checkpoint, weights not loaded (meta device): the
+    wrapper of a model that lives on NDIF (which holds it in its own dtype). Reads the config and
+    tokenizer from the hub (or a folder holding them)."""
+    import warnings
+
+    from nnsight.modeling.transformers import TransformersModel
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return TransformersModel(hub_id, task="text-generation")
+
+
 def _envoy(root, path: str):
     for part in path.split("."):
         root = getattr(root, part)
