@@ -80,7 +80,8 @@ def cmd_decompose(args: argparse.Namespace) -> int:
     import toolkit
     from toolkit.decompose.pipeline import decompose
     from toolkit.decompose.report import format_table, summary_rows, write_decomposition_report
-    model = toolkit.load_model(args.model, backend=args.backend, dtype=args.dtype, device=args.device)
+    model = toolkit.load_model(args.model, backend=args.backend, dtype=args.dtype, device=args.device,
+                               remote=args.remote)
     result = decompose(model, args.corpus, layers=parse_layers(args.layers), function_class=args.function_class,
                        form=args.form, k=args.k, rank=args.rank, n_train=args.n_train, n_test=args.n_test,
                        seq_len=args.seq_len, per_text=args.per_text, seed=args.seed, compare_mlp=not args.no_mlp,
@@ -128,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kl-positions", default="next", choices=["next", "later"])
     p.add_argument("--sweep-k", default=None, help="k values for Figure 5, e.g. '8,16,32,64'")
     p.add_argument("--sweep-rank", default=None, help="ranks for Figure 5, e.g. '4,8,16,32,64'")
+    p.add_argument("--remote", nargs="?", const=True, default=False,
+                   help="collect and intervene on NDIF (needs NDIF_API_KEY; fits stay local); "
+                        "'--remote local' runs nnsight's simulation of a remote run here")
     p.add_argument("--out", default="runs/decompose")
     p.set_defaults(func=cmd_decompose)
     from toolkit.jacobian.cli_command import add_jacobian_parser

@@ -49,10 +49,8 @@ Example:
 from __future__ import annotations
 
 import os
-import socket
 import time
 from typing import Mapping, Sequence
-from urllib.parse import urlparse
 
 import torch
 from torch import Tensor
@@ -60,7 +58,7 @@ from torch import Tensor
 REMOTE_CHOICES = (False, True, "local")
 
 
-class RemoteUnavailable(RuntimeError):
+class RemoteUnavailable(ConnectionError):
     """NDIF cannot be used: no API key, or the service does not answer."""
 
 
@@ -68,7 +66,7 @@ def check_remote(remote: bool | str | None, timeout: float = 5.0) -> bool | str:
     """``remote`` validated before any work: ``False``, ``"local"`` or ``True`` (key set, host answers).
 
     Raises :class:`RemoteUnavailable` when ``NDIF_API_KEY`` is unset (and nnsight has no stored
-    key) or when NDIF's host does not accept a connection within ``timeout`` seconds.
+    key) or when NDIF's status page (``{host}/status``) does not answer within ``timeout`` seconds.
 
     Example:
         >>> check_remote("anywhere")
@@ -89,12 +87,13 @@ def check_remote(remote: bool | str | None, timeout: float = 5.0) -> bool | str:
                                 "NDIF_API_KEY (get a key at https://login.ndif.us) or run nnsight.login(); "
                                 "or run here with remote=False.")
     host = CONFIG.API.HOST
-    url = urlparse(host)
-    port = url.port or (443 if url.scheme == "https" else 80)
     start = time.perf_counter()
-    try:
-        socket.create_connection((url.hostname, port), timeout=timeout).close()
-    except OSError as err:
+    try:    # the status page nnsight itself reads (nnsight.ndif.status); a bare TCP connect can meet a proxy
+        import httpx
+        response = httpx.get(f"{host}/status", timeout=httpx.Timeout(timeout))
+        response.raise_for_status()
+        response.json()
+    except Exception as err:
         raise RemoteUnavailable(f"NDIF at {host} cannot be reached ({type(err).__name__}: {err}; gave up after "
                                 f"{time.perf_counter() - start:.1f} s). Check the network, or the host in "
                                 f"NDIF_HOST; or run here with remote=False (a sharded load with device_map="
@@ -132,9 +131,11 @@ def remotable_from_hub(hub_id: str):
     import warnings
 
     from nnsight.modeling.transformers import TransformersModel
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(hub_id)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return TransformersModel(hub_id, task="text-generation")
+        return TransformersModel(hub_id, task="text-generation", tokenizer=tokenizer)
 
 
 def _envoy(root, path: str):
