@@ -24,6 +24,10 @@ model outgrows one device. What nnsight 0.8 allows and what the freeze needs:
 * Gradients: the server turns ``requires_grad`` off on parameters, but a trace may set it on an
   activation (``emb.requires_grad_()``) and run backward (``with y.backward(): g = x.grad``) or
   ``torch.autograd.grad`` in its body. So vector-Jacobian products are possible remotely.
+  (Checked with ``remote="local"`` on a tiny Llama with frozen parameters, nnsight 0.8.1: the
+  gradient of the logits with respect to the embedding output comes back; replacing
+  ``model.norm.source.torch_rsqrt_0.output`` by its ``.detach()`` changes it, as a freeze should;
+  and ``self_attn.source.attention_interface_1.output[1]``, the pattern, is ``None`` under SDPA.)
 * The freeze (:mod:`toolkit.jacobian.freeze`) swaps module ``forward`` methods and switches the
   config's ``_attn_implementation`` to eager for the duration of the computation. On NDIF that
   would mutate the deployed model that other users' requests share; a request may only edit the

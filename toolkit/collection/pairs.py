@@ -139,6 +139,9 @@ def collect_hidden_states(model: Backend, tokens: Tensor, positions: Tensor, lay
         keep_kv_cache: when the model runs (no store hit) and every block runs (the last boundary is
             collected), keep each batch's attention cache in ``kv_caches``, so that interventions on
             these texts need not run them again (:func:`toolkit.decompose.interventions.patched_kl`).
+
+    A remote model (``model.remote``) collects in a few nnsight sessions (NDIF, or nnsight's
+    simulation), each returning only the sampled positions; its store entries are kept apart.
     """
     if tokens.ndim != 2 or positions.ndim != 2 or positions.shape[0] != tokens.shape[0]:
         raise ValueError(f"tokens must be [n_texts, seq_len] and positions [n_texts, per_text]; got "

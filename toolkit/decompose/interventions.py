@@ -78,6 +78,10 @@ def patched_kl(model: Backend, tokens: Tensor, positions: Tensor, values: Mappin
             (``keep_kv_cache=True``): then the texts themselves are not run again.
     Returns:
         key -> ``[n_texts * per_text]`` KL in nats (float64).
+
+    A remote model (``model.remote``, see :mod:`toolkit.backends.remote`) runs the interventions
+    as a few nnsight sessions, one row per (text, anchor, key) cut after the last position it
+    needs, and only the KL values come back (taken in float64 from the logits on the server).
     """
     _check(model, tokens, positions, values)
     keys = sorted(values, key=boundary_of)
