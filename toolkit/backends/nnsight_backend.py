@@ -91,9 +91,12 @@ class NNsightBackend(Backend):
             yield item
 
     def remote_kl(self, tokens: Tensor, positions: Tensor, values: dict, boundaries: dict, next_only: bool = True,
-                  max_rows: int = 32, texts_per_request: int = 16):
+                  max_rows: int = 32, texts_per_request: int = 16, max_request_bytes: int = 2 ** 26):
         from toolkit.backends.remote import kl_at_anchors
         self._require_remote()
+        # the replacement vectors travel with the request: at most ~64 MiB of them per request
+        per_text = positions.shape[1] * len(values) * self.d_model * 4
+        texts_per_request = max(1, min(texts_per_request, max_request_bytes // per_text))
         for item in kl_at_anchors(self.traced, ".".join(self._blocks_path), tokens, positions, values, boundaries,
                                   self.remote, next_only=next_only, max_rows=max_rows,
                                   texts_per_request=texts_per_request):
