@@ -46,12 +46,24 @@ def make_backend(model, tokenizer=None, backend: str | None = None, model_id: st
 
     ``remote``: ``True`` runs the remote-capable stages on NDIF, ``"local"`` in nnsight's simulation
     of a remote run (nnsight backend only; see :mod:`toolkit.backends.remote`).
-    """
-    from toolkit.backends.nnsight_backend import NNsightBackend
-    from toolkit.backends.transformer_lens_backend import TransformerLensBackend
 
+    **In place**: both libraries instrument the HF modules they wrap. ``backend="tl"`` boots a
+    ``TransformerBridge`` that replaces the HF model's submodules by bridge components holding
+    the originals (numerics unchanged); nnsight gives each module an instance-level ``forward``.
+    The caller's model object is that same model afterwards (``backend.hf_model is model``) and
+    ``backend.wraps_in_place`` says so; pass a ``copy.deepcopy(model)`` to keep an untouched one.
+
+    Example:
+        >>> from toolkit.models.tiny import tiny_hf_model
+        >>> hf = tiny_hf_model("llama")
+        >>> model = make_backend(hf)
+        >>> model.name, model.hf_model is hf, model.wraps_in_place
+        ('nnsight', True, True)
+    """
     from toolkit.backends.base import no_remote_error
+    from toolkit.backends.nnsight_backend import NNsightBackend
     from toolkit.backends.remote import check_remote
+    from toolkit.backends.transformer_lens_backend import TransformerLensBackend
 
     remote = check_remote(remote)          # key and service first, before any work
     if isinstance(model, Backend):
@@ -77,8 +89,60 @@ def make_backend(model, tokenizer=None, backend: str | None = None, model_id: st
     if remote and name != "nnsight":
         raise no_remote_error(name, remote)
     if name == "nnsight":
-        return NNsightBackend(hf_model, tokenizer, info, traced=traced).with_remote(remote)
-    return TransformerLensBackend(hf_model, tokenizer, info, bridge=bridge).with_remote(remote)
+        wrapped: Backend = NNsightBackend(hf_model, tokenizer, info, traced=traced)
+    else:
+        wrapped = TransformerLensBackend(hf_model, tokenizer, info, bridge=bridge)
+    wrapped.wraps_in_place = True
+    return wrapped.with_remote(remote)
 
 
-__all__ = ["Backend", "ModelInfo", "BACKENDS", "make_backend", "model_info", "resolve_backend_name"]
+def as_backend(model, tokenizer=None) -> Backend:
+    """Any model a user holds as a :class:`Backend`: a backend is returned as is, anything else goes
+    through :func:`make_backend` (the default backend for its architecture).
+
+    Example:
+        >>> from toolkit.models.tiny import tiny_hf_model
+        >>> model = as_backend(tiny_hf_model("mamba"))
+        >>> as_backend(model) is model
+        True
+    """
+    return model if isinstance(model, Backend) else make_backend(model, tokenizer)
+
+
+def library_wrapper(model) -> Backend | None:
+    """The :class:`Backend` for a model already seen through a library (a backend, an nnsight wrapper
+    or a TransformerBridge), or ``None`` for a bare HF model (which the analyses drive directly,
+    without instrumenting it).
+
+    Example:
+        >>> from toolkit.models.tiny import tiny_hf_model
+        >>> library_wrapper(tiny_hf_model("llama")) is None
+        True
+    """
+    if isinstance(model, Backend):
+        return model
+    if (hasattr(model, "original_model") and hasattr(model, "run_with_hooks")) or \
+            (hasattr(model, "_module") and hasattr(model, "trace")):
+        return make_backend(model)
+    return None
+
+
+def hf_model_of(model):
+    """The HuggingFace module under any model a user holds (backend, nnsight wrapper, bridge, or HF).
+
+    Example:
+        >>> from toolkit.models.tiny import tiny_hf_model
+        >>> hf = tiny_hf_model("llama")
+        >>> hf_model_of(make_backend(hf)) is hf, hf_model_of(hf) is hf
+        (True, True)
+    """
+    wrapper = library_wrapper(model)
+    hf = model if wrapper is None else wrapper.hf_model
+    if not hasattr(hf, "config"):
+        raise TypeError(f"expected a model (toolkit backend, HuggingFace causal LM, nnsight wrapper or "
+                        f"TransformerBridge), got {type(model).__name__}.")
+    return hf
+
+
+__all__ = ["Backend", "ModelInfo", "BACKENDS", "make_backend", "as_backend", "library_wrapper", "hf_model_of",
+           "model_info", "resolve_backend_name"]
