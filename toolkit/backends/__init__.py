@@ -39,9 +39,13 @@ def resolve_backend_name(backend: str | None, hf_model) -> str:
     return key
 
 
-def make_backend(model, tokenizer=None, backend: str | None = None, model_id: str | None = None) -> Backend:
+def make_backend(model, tokenizer=None, backend: str | None = None, model_id: str | None = None,
+                 remote: bool | str = False) -> Backend:
     """Wrap a model the user already has: a HF causal LM, an ``nnsight.NNsight`` /
     ``nnsight`` language model, or a TransformerLens ``TransformerBridge``.
+
+    ``remote``: ``True`` runs the remote-capable stages on NDIF, ``"local"`` in nnsight's simulation
+    of a remote run (nnsight backend only; see :mod:`toolkit.backends.remote`).
 
     **In place**: both libraries instrument the HF modules they wrap. ``backend="tl"`` boots a
     ``TransformerBridge`` that replaces the HF model's submodules by bridge components holding
@@ -56,11 +60,14 @@ def make_backend(model, tokenizer=None, backend: str | None = None, model_id: st
         >>> model.name, model.hf_model is hf, model.wraps_in_place
         ('nnsight', True, True)
     """
+    from toolkit.backends.base import no_remote_error
     from toolkit.backends.nnsight_backend import NNsightBackend
+    from toolkit.backends.remote import check_remote
     from toolkit.backends.transformer_lens_backend import TransformerLensBackend
 
+    remote = check_remote(remote)          # key and service first, before any work
     if isinstance(model, Backend):
-        return model
+        return model.with_remote(remote)
     kind = type(model).__name__
     bridge = traced = None
     if kind == "HookedTransformer":
@@ -79,12 +86,14 @@ def make_backend(model, tokenizer=None, backend: str | None = None, model_id: st
     model_id = model_id or getattr(hf_model.config, "_name_or_path", "") or kind
     info = model_info(hf_model, model_id)
     name = resolve_backend_name(backend, hf_model)
+    if remote and name != "nnsight":
+        raise no_remote_error(name, remote)
     if name == "nnsight":
         wrapped: Backend = NNsightBackend(hf_model, tokenizer, info, traced=traced)
     else:
         wrapped = TransformerLensBackend(hf_model, tokenizer, info, bridge=bridge)
     wrapped.wraps_in_place = True
-    return wrapped
+    return wrapped.with_remote(remote)
 
 
 def as_backend(model, tokenizer=None) -> Backend:

@@ -68,6 +68,9 @@ class Backend(ABC):
     """
 
     name: str = "abstract"
+    #: Where traces run: ``False`` here, ``True`` on NDIF, ``"local"`` nnsight's simulation of a
+    #: remote run (see :mod:`toolkit.backends.remote`). Only the nnsight backend runs remotely.
+    remote: bool | str = False
     wraps_in_place: bool = False  # the library instrumented the caller's HF model itself (see make_backend)
 
     def __init__(self, hf_model: nn.Module, tokenizer, info: ModelInfo):
@@ -187,6 +190,27 @@ class Backend(ABC):
         ``forward_kwargs`` go to the HF forward (e.g. ``past_key_values`` for cached steps).
         """
 
+    # ----- remote execution (NDIF) ------------------------------------------------------------
+    def with_remote(self, remote: bool | str) -> "Backend":
+        """This model with its traces run remotely (``True``: NDIF, ``"local"``: nnsight's simulation).
+
+        ``remote=False`` returns the model unchanged. Backends without remote execution refuse.
+        """
+        if not remote:
+            return self
+        raise no_remote_error(self.name, remote)
+
+    def remote_states(self, tokens: Tensor, positions: Tensor, boundaries: Sequence[int], batch_size: int = 8):
+        """Remote collection: yield ``(first text, [len(boundaries), n_texts_in_request * per_text, d])``
+        float32 states at ``positions`` of ``tokens``, one item per request."""
+        raise ValueError(f"{type(self).__name__} does not run remotely; call with_remote(...) on an nnsight model.")
+
+    def remote_kl(self, tokens: Tensor, positions: Tensor, values: dict, boundaries: dict, next_only: bool = True,
+                  max_rows: int = 32):
+        """Remote interventions: yield ``(first text, {key: KL [n_texts_in_request * per_text]})`` per request,
+        ``h_{boundaries[key]}`` at each anchor replaced by ``values[key]``'s row."""
+        raise ValueError(f"{type(self).__name__} does not run remotely; call with_remote(...) on an nnsight model.")
+
     def target_function(self, input_ids: Int[Tensor, "seq"], kind: str, layer: int | None,
                         position: int = -1) -> Callable[[Tensor], Tensor] | None:
         """This library's own ``f: h_0 [T, d] -> y [d]`` for a Jacobian target, or ``None`` if it has none.
@@ -238,6 +262,13 @@ class Backend(ABC):
         if softcap:
             out = torch.tanh(out / softcap) * softcap
         return out
+
+
+def no_remote_error(backend_name: str, remote) -> ValueError:
+    """The error of a backend asked to run remotely that cannot."""
+    return ValueError(f"remote={remote!r}: remote execution (NDIF) runs through nnsight, and the {backend_name} "
+                      f"backend has none. Load the model with backend='nnsight' "
+                      f"(toolkit.load_model(name, backend='nnsight', remote=...)).")
 
 
 @dataclass

@@ -39,7 +39,8 @@ class PlacedNNsight(NNsight):
 class NNsightBackend(Backend):
     name = "nnsight"
 
-    def __init__(self, hf_model, tokenizer, info: ModelInfo, traced: NNsight | None = None):
+    def __init__(self, hf_model, tokenizer, info: ModelInfo, traced: NNsight | None = None,
+                 remote: bool | str = False):
         super().__init__(hf_model, tokenizer, info)
         if traced is not None and traced.device is not None and traced.device.type == "meta":
             raise ValueError("this nnsight wrapper would send its inputs to the meta device: nnsight reads the "
@@ -48,6 +49,81 @@ class NNsightBackend(Backend):
                              "embedding's device), or keep the input embedding in memory in the device_map.")
         self.traced = traced if traced is not None else PlacedNNsight(hf_model)
         self._blocks_path = spec_for(hf_model).blocks_path().split(".")
+        self.remote = remote
+        self.requests = 0          # remote requests sent (sessions), for the record
+
+    # ----- remote execution (NDIF, or nnsight's local simulation) ----------------------------
+    def with_remote(self, remote: bool | str) -> "NNsightBackend":
+        """This model with the remote-capable stages (:meth:`remote_states`, :meth:`remote_kl`) run
+        on NDIF (``True``) or in nnsight's simulation of a remote run (``"local"``).
+
+        Checks the API key and the service first (:func:`toolkit.backends.remote.check_remote`).
+
+        Example:
+            >>> from toolkit.models.tiny import tiny_hf_model
+            >>> from toolkit.backends import make_backend
+            >>> model = make_backend(tiny_hf_model("llama"), backend="nnsight", remote="local")
+            >>> model.remote
+            'local'
+        """
+        from toolkit.backends.remote import check_remote, remotable
+        remote = check_remote(remote)
+        if remote == self.remote:
+            return self
+        if not remote:
+            twin = NNsightBackend(self.hf_model, self.tokenizer, self.info)
+        else:
+            traced = self.traced if hasattr(self.traced, "to_model_key") else None
+            if traced is None:
+                traced = remotable(self.hf_model, self.tokenizer, self._hub_id() if remote is True else None)
+            twin = NNsightBackend(self.hf_model, self.tokenizer, self.info, traced=traced, remote=remote)
+        twin.wraps_in_place = self.wraps_in_place
+        return twin
+
+    def _hub_id(self) -> str:
+        """The hub id NDIF knows this checkpoint by."""
+        import warnings
+        from pathlib import Path
+
+        from toolkit.models.registry import find_entry
+        entry = find_entry(self.info.model_id)
+        if entry is not None:
+            if entry.pip_source is not None:
+                warnings.warn(f"{entry.name} was loaded from dequantized GGUF weights; NDIF runs the hub checkpoint "
+                              f"{entry.hub_id}, whose numbers differ slightly from this local model's.")
+            return entry.hub_id
+        name = getattr(self.hf_model.config, "_name_or_path", "") or self.info.model_id
+        if not name or Path(name).expanduser().exists():
+            raise ValueError(f"NDIF runs checkpoints by their hub id, and {self.info.model_id!r} was loaded from a "
+                             f"local folder; load it by hub id: toolkit.load_model('org/name', remote=True).")
+        return name
+
+    def _require_remote(self) -> None:
+        if not self.remote:
+            raise ValueError("this model runs locally; call model.with_remote(True) (NDIF) or "
+                             "model.with_remote('local') (nnsight's simulation) first.")
+
+    def remote_states(self, tokens: Tensor, positions: Tensor, boundaries: Sequence[int], batch_size: int = 8,
+                      texts_per_request: int = 64):
+        from toolkit.backends.remote import collect_at_positions
+        self._require_remote()
+        for item in collect_at_positions(self.traced, ".".join(self._blocks_path), tokens, positions, boundaries,
+                                         self.remote, batch_size=batch_size, texts_per_request=texts_per_request):
+            self.requests += 1
+            yield item
+
+    def remote_kl(self, tokens: Tensor, positions: Tensor, values: dict, boundaries: dict, next_only: bool = True,
+                  max_rows: int = 32, texts_per_request: int = 16, max_request_bytes: int = 2 ** 26):
+        from toolkit.backends.remote import kl_at_anchors
+        self._require_remote()
+        # the replacement vectors travel with the request: at most ~64 MiB of them per request
+        per_text = positions.shape[1] * len(values) * self.d_model * 4
+        texts_per_request = max(1, min(texts_per_request, max_request_bytes // per_text))
+        for item in kl_at_anchors(self.traced, ".".join(self._blocks_path), tokens, positions, values, boundaries,
+                                  self.remote, next_only=next_only, max_rows=max_rows,
+                                  texts_per_request=texts_per_request):
+            self.requests += 1
+            yield item
 
     def _traced_blocks(self):
         # Envoys must be reached through the NNsight wrapper, not the raw modules.

@@ -37,7 +37,8 @@ def add_corpus_args(p: argparse.ArgumentParser, n_train: int, n_test: int) -> No
 def load_model(args: argparse.Namespace):
     """``toolkit.load_model`` from the model arguments (called after every cheap check)."""
     import toolkit
-    return toolkit.load_model(args.model, backend=args.backend, dtype=args.dtype, device=args.device)
+    return toolkit.load_model(args.model, backend=args.backend, dtype=args.dtype, device=args.device,
+                              remote=getattr(args, "remote", False))
 
 
 def parse_int_list(spec: str | None, flag: str = "--layers", example: str = "'0,5,10' or '3-8'") -> list[int] | None:

@@ -23,6 +23,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--kl-positions", default="next", choices=["next", "later"])
     p.add_argument("--sweep-k", default=None, help="k values for Figure 5, e.g. '8,16,32,64'")
     p.add_argument("--sweep-rank", default=None, help="ranks for Figure 5, e.g. '4,8,16,32,64'")
+    p.add_argument("--remote", nargs="?", const=True, default=False,
+                   help="collect and intervene on NDIF (needs NDIF_API_KEY; fits stay local); "
+                        "'--remote local' runs nnsight's simulation of a remote run here")
     p.add_argument("--out", default="runs/decompose")
     p.set_defaults(func=run)
     return p

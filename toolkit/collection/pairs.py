@@ -96,8 +96,11 @@ def cache_key(model: Backend, tokens: Tensor, positions: Tensor, boundaries: Seq
               fingerprint: str | None = None) -> str:
     h = hashlib.sha256()
     fingerprint = fingerprint or model_fingerprint(model)
-    h.update(json.dumps({"model": fingerprint, "backend": model.name, "dtype": str(model.dtype),
-                         "boundaries": list(boundaries)}).encode())
+    settings = {"model": fingerprint, "backend": model.name, "dtype": str(model.dtype),
+                "boundaries": list(boundaries)}
+    if model.remote:        # states computed elsewhere (NDIF's hardware and checkpoint) are kept apart
+        settings["remote"] = model.remote
+    h.update(json.dumps(settings).encode())
     h.update(tokens.cpu().numpy().astype(np.int64).tobytes())
     h.update(positions.cpu().numpy().astype(np.int64).tobytes())
     return h.hexdigest()[:24]
@@ -131,6 +134,9 @@ def collect_hidden_states(model: Backend, tokens: Tensor, positions: Tensor, lay
         keep_kv_cache: when the model runs (no store hit) and every block runs (the last boundary is
             collected), keep each batch's attention cache in ``kv_caches``, so that interventions on
             these texts need not run them again (:func:`toolkit.decompose.interventions.patched_kl`).
+
+    A remote model (``model.remote``) collects in a few nnsight sessions (NDIF, or nnsight's
+    simulation), each returning only the sampled positions; its store entries are kept apart.
     """
     if tokens.ndim != 2 or positions.ndim != 2 or positions.shape[0] != tokens.shape[0]:
         raise ValueError(f"tokens must be [n_texts, seq_len] and positions [n_texts, per_text]; got "
@@ -151,11 +157,18 @@ def collect_hidden_states(model: Backend, tokens: Tensor, positions: Tensor, lay
     meta = {"model_id": model.info.model_id, "model_fingerprint": fingerprint, "backend": model.name,
             "dtype": str(model.dtype), "boundaries": boundaries, "n_texts": n_texts, "seq_len": tokens.shape[1],
             "per_text": per_text, "d_model": model.d_model}
-    keep_kv_cache = keep_kv_cache and model.n_layers in boundaries and model.info.architecture != "mamba"
+    keep_kv_cache = (keep_kv_cache and model.n_layers in boundaries and model.info.architecture != "mamba"
+                     and not model.remote)      # a remote run keeps nothing but the sampled states
     kv_caches: list | None = [] if keep_kv_cache else None
     with EntryWriter(entry, n_texts * per_text, model.d_model, boundaries) as writer:
-        bar = tqdm(range(0, n_texts, batch_size), desc=f"collect {model.info.model_id}", disable=not progress,
-                   unit="batch")
+        if model.remote:    # one request per group of texts; only the sampled positions come back
+            for first, picked in tqdm(model.remote_states(tokens, positions, boundaries, batch_size=batch_size),
+                                      desc=f"collect {model.info.model_id} (remote)", disable=not progress,
+                                      unit="request"):
+                picked = picked.numpy()
+                writer.write_rows(first * per_text, {l: picked[i] for i, l in enumerate(boundaries)})
+        bar = tqdm(range(0, 0 if model.remote else n_texts, batch_size), desc=f"collect {model.info.model_id}",
+                   disable=not progress or model.remote, unit="batch")
         for start in bar:
             ids = tokens[start:start + batch_size]
             pos = positions[start:start + batch_size]

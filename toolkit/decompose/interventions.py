@@ -79,11 +79,22 @@ def patched_kl(model: Backend, tokens: Tensor, positions: Tensor, values: Mappin
             (``keep_kv_cache=True``): then the texts themselves are not run again.
     Returns:
         key -> ``[n_texts * per_text]`` KL in nats (float64).
+
+    A remote model (``model.remote``, see :mod:`toolkit.backends.remote`) runs the interventions
+    as a few nnsight sessions, one row per (text, anchor, key) cut after the last position it
+    needs, and only the KL values come back (taken in float64 from the logits on the server).
     """
     _check(model, tokens, positions, values)
     keys = sorted(values, key=boundary_of)
     n_texts, per_text = positions.shape
     out = {key: torch.zeros(n_texts * per_text, dtype=torch.float64) for key in keys}
+    if model.remote:        # a few requests; only the per-anchor KL comes back
+        requests = model.remote_kl(tokens, positions, values, {key: boundary_of(key) for key in keys},
+                                   next_only=kl_positions == "next", max_rows=max_rows)
+        for first, kl in tqdm(requests, desc="interventions (remote)", disable=not progress, unit="request"):
+            for key in keys:
+                out[key][first * per_text:first * per_text + kl[key].shape[0]] = kl[key]
+        return out
     widest = max(sum(boundary_of(k) == b for k in keys) for b in {boundary_of(k) for k in keys})
     if kl_positions == "next" and full_cache_supported(model, tokens.shape[1], min(widest, max_rows) * per_text):
         batches = _cache_batches(n_texts, per_text, batch_size, kv_caches, final_states)

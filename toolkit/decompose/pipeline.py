@@ -178,7 +178,7 @@ def decompose(model: Any, corpus: str | Corpus = "embedded", *, layers: Sequence
               sweep_k: Sequence[int] = (), sweep_rank: Sequence[int] = (), batch_size: int = 8,
               n_boot: int = 1000, progress: bool = True, use_cache: bool = True, controls: bool = True,
               split: Literal["document", "text"] = "document", min_position: int = 1,
-              massive_factor: float = MASSIVE_FACTOR) -> DecompositionResult:
+              massive_factor: float = MASSIVE_FACTOR, remote: bool | str = False) -> DecompositionResult:
     """Run the tokenwise decomposition of layer updates (defaults: the paper's setup, appendix A.2).
 
     Exported as ``toolkit.decompose_layers``.
@@ -201,6 +201,9 @@ def decompose(model: Any, corpus: str | Corpus = "embedded", *, layers: Sequence
             sink); raise it to leave out more of each text's first positions.
         massive_factor: anchors whose ``max(||h_l||, ||h_{l+1}||)`` exceeds this multiple of the layer's
             median are flagged ``massive`` (summaries are reported with and without them).
+        remote: run the collection and the interventions on NDIF (``True``; needs ``NDIF_API_KEY``)
+            or in nnsight's simulation of a remote run (``"local"``), a few requests for many texts;
+            the fits stay local. nnsight models only (see :mod:`toolkit.backends.remote`).
     """
     check_decompose_settings(function_class=function_class, form=form, k=k, rank=rank, n_train=n_train,
                              n_test=n_test, seq_len=seq_len, per_text=per_text, batch_size=batch_size,
@@ -208,6 +211,7 @@ def decompose(model: Any, corpus: str | Corpus = "embedded", *, layers: Sequence
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     model = as_backend(model)
+    model = model.with_remote(remote) if remote else model   # key and service checked before any work
     layers = list(range(model.n_layers)) if layers is None else list(layers)
     for l in layers:
         if not isinstance(l, int) or not 0 <= l < model.n_layers:
@@ -275,7 +279,7 @@ def decompose(model: Any, corpus: str | Corpus = "embedded", *, layers: Sequence
                 "n_train": n_train,
                 "n_test": n_test, "seq_len": seq_len, "per_text": per_text, "seed": seed,
                 "kl_positions": kl_positions, "compare_mlp": compare_mlp, "mlp_steps": mlp_steps,
-                "split": split, "min_position": min_position, "controls": controls}
+                "split": split, "min_position": min_position, "controls": controls, "remote": model.remote}
     if controls:
         settings["baselines"] = {"massive_factor": massive_factor, "random_neighbourhoods": "same class, k random "
                                  "training rows", "global_map": "ridge affine map of the update, penalty chosen on "

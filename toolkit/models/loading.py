@@ -20,7 +20,9 @@ from pathlib import Path
 
 import torch
 
-from toolkit.backends import Backend, make_backend
+from toolkit.backends import Backend, make_backend, resolve_backend_name
+from toolkit.backends.base import no_remote_error
+from toolkit.backends.remote import check_remote
 from toolkit.models.registry import DEFAULT_MODEL, find_entry, known_ids
 from toolkit.models.weights import converted_folder
 
@@ -139,9 +141,23 @@ def placement_kwargs(device_map, max_memory, offload_folder) -> dict:
     return kwargs
 
 
+def _remote_model(name: str, backend: str | None) -> Backend:
+    """A model on NDIF: weights are not loaded here (nnsight builds the module tree on the meta device)."""
+    from toolkit.backends.remote import remotable_from_hub
+    if backend is not None and resolve_backend_name(backend, None) != "nnsight":
+        raise no_remote_error(resolve_backend_name(backend, None), True)
+    entry = find_entry(name)
+    if entry is None and ("/" not in name or Path(name).expanduser().exists()):
+        raise ValueError(f"NDIF runs checkpoints by their hub id; {name!r} is neither a known id "
+                         f"({', '.join(known_ids())}) nor an org/name hub id.")
+    hub_id = entry.hub_id if entry else name
+    return make_backend(remotable_from_hub(hub_id), backend="nnsight", model_id=entry.name if entry else name,
+                        remote=True)
+
+
 def load_model(name_or_path=DEFAULT_MODEL, backend: str | None = None, dtype: str | torch.dtype | None = None,
                device: str | None = None, *, device_map: str | dict | None = None, max_memory: dict | None = None,
-               offload_folder: str | Path | None = None) -> Backend:
+               offload_folder: str | Path | None = None, remote: bool | str = False) -> Backend:
     """Load a model and wrap it in the backend that serves it.
 
     Args:
@@ -155,6 +171,9 @@ def load_model(name_or_path=DEFAULT_MODEL, backend: str | None = None, dtype: st
             {0: "20GiB", "cpu": "60GiB"}``) and offload the rest to CPU RAM or to ``offload_folder`` on
             disk. Both backends and both analyses run on the placed model (see the README's "Bigger
             models"); a module-name dict (``{"model.layers.1": "disk", ...}``) places by hand.
+        remote: ``True`` runs the model on NDIF (needs ``NDIF_API_KEY``; a hub id or known name; no
+            weights are loaded here), ``"local"`` loads it here and runs its remote-capable stages
+            through nnsight's simulation of a remote run (see :mod:`toolkit.backends.remote`).
 
     Example:
         >>> model = load_model("smollm2-135m", backend="tl")     # doctest: +SKIP
@@ -163,9 +182,12 @@ def load_model(name_or_path=DEFAULT_MODEL, backend: str | None = None, dtype: st
         >>> big = load_model("smollm2-135m", device_map="auto", max_memory={"cpu": "300MB"},
         ...                  offload_folder="/tmp/offload")           # doctest: +SKIP
     """
+    remote = check_remote(remote)                     # key and service first, before any loading
     if not isinstance(name_or_path, (str, Path)):
-        return make_backend(name_or_path, backend=backend)
+        return make_backend(name_or_path, backend=backend, remote=remote)
     torch_dtype = resolve_dtype(dtype)
+    if remote is True:
+        return _remote_model(str(name_or_path), backend)
     placement = placement_kwargs(device_map, max_memory, offload_folder)
     device = resolve_device(device)
     name = str(name_or_path)
@@ -183,4 +205,4 @@ def load_model(name_or_path=DEFAULT_MODEL, backend: str | None = None, dtype: st
     else:
         raise ValueError(f"unknown model id {name!r}. Known ids: {', '.join(known_ids())}. "
                          f"Hub ids (org/name) and local folders are accepted too.")
-    return make_backend(hf_model, tokenizer, backend=backend, model_id=model_id)
+    return make_backend(hf_model, tokenizer, backend=backend, model_id=model_id, remote=remote)
