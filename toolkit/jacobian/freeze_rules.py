@@ -50,6 +50,7 @@ from transformers.models.gpt2 import modeling_gpt2 as gpt2
 from transformers.models.gpt_neox import modeling_gpt_neox as neox
 from transformers.models.llama import modeling_llama as llama
 from transformers.models.mamba import modeling_mamba as mamba
+from transformers.models.qwen2 import modeling_qwen2 as qwen2
 from transformers.models.qwen3 import modeling_qwen3 as qwen3
 from transformers.pytorch_utils import Conv1D
 
@@ -352,6 +353,15 @@ def _rules() -> dict[type, Rule]:
          mamba.MambaModel,
          llama.LlamaForCausalLM, qwen3.Qwen3ForCausalLM, gemma3.Gemma3ForCausalLM, gpt2.GPT2LMHeadModel,
          neox.GPTNeoXForCausalLM, mamba.MambaForCausalLM],
+        "linear", None, "affine given frozen children")
+    # ----- Qwen 2 / 2.5 (also the DeepSeek-R1 Qwen distills): Llama's modules plus biases on q, k, v.
+    # The q/k biases sit inside the detached projections; the v bias passes the constant pattern into
+    # o_proj, an input-independent term of the output: it feeds the constant c of y = sum_i J_i x_i + c.
+    add([qwen2.Qwen2RMSNorm], "norm", _install_rmsnorm, "w * x * [rsqrt(mean(x^2)+eps)]", weight)
+    add([qwen2.Qwen2MLP], "gated_mlp", _install_gated_mlp, "down([act(gate(x))] * up(x))")
+    add([qwen2.Qwen2Attention], "attention", _install_separate_qk,
+        "[q_proj+b], [k_proj+b]: constant pattern, V->O linear (v bias -> c)")
+    add([qwen2.Qwen2RotaryEmbedding, qwen2.Qwen2DecoderLayer, qwen2.Qwen2Model, qwen2.Qwen2ForCausalLM],
         "linear", None, "affine given frozen children")
     return table
 

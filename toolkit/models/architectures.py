@@ -42,7 +42,8 @@ class ArchitectureSpec:
 
 SPECS: tuple[ArchitectureSpec, ...] = (
     ArchitectureSpec("llama", ("llama",), "model", "layers", "norm", False),
-    ArchitectureSpec("qwen3", ("qwen3", "qwen2"), "model", "layers", "norm", False),
+    ArchitectureSpec("qwen3", ("qwen3",), "model", "layers", "norm", False),
+    ArchitectureSpec("qwen2", ("qwen2",), "model", "layers", "norm", False),  # Qwen 2 / 2.5: q, k, v biases
     ArchitectureSpec("gemma3", ("gemma3_text", "gemma3", "gemma2", "gemma"), "model", "layers", "norm", False),
     ArchitectureSpec("gpt2", ("gpt2",), "transformer", "h", "ln_f", True, positions_attr="wpe"),
     ArchitectureSpec("gpt_neox", ("gpt_neox",), "gpt_neox", "layers", "final_layer_norm", True),

@@ -17,7 +17,7 @@ import torch
 import transformers
 from transformers import PreTrainedModel
 
-TINY_ARCHITECTURES = ("gpt2", "gpt_neox", "llama", "qwen3", "gemma3", "mamba")
+TINY_ARCHITECTURES = ("gpt2", "gpt_neox", "llama", "qwen3", "gemma3", "mamba", "qwen2")
 
 
 def _tiny_config(arch: str, vocab_size: int, n_layers: int, width: int, n_ctx: int):
@@ -37,6 +37,10 @@ def _tiny_config(arch: str, vocab_size: int, n_layers: int, width: int, n_ctx: i
         return transformers.Qwen3Config(hidden_size=width, num_hidden_layers=n_layers, num_attention_heads=4,
                                         num_key_value_heads=2, head_dim=width // 4, intermediate_size=2 * width,
                                         max_position_embeddings=n_ctx, architectures=["Qwen3ForCausalLM"], **common)
+    if arch == "qwen2":
+        return transformers.Qwen2Config(hidden_size=width, num_hidden_layers=n_layers, num_attention_heads=4,
+                                        num_key_value_heads=2, intermediate_size=2 * width,
+                                        max_position_embeddings=n_ctx, architectures=["Qwen2ForCausalLM"], **common)
     if arch == "gemma3":
         return transformers.Gemma3TextConfig(hidden_size=width, num_hidden_layers=n_layers, num_attention_heads=4,
                                              num_key_value_heads=1, head_dim=width // 4, intermediate_size=2 * width,
@@ -61,11 +65,17 @@ def tiny_hf_model(arch: str, *, vocab_size: int = 512, n_layers: int = 2, width:
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
-    if arch in ("llama", "qwen3", "gemma3", "gpt_neox"):
+    if arch in ("llama", "qwen3", "gemma3", "gpt_neox", "qwen2"):
         # Random init leaves norm weights at exactly 1 (0 for Gemma's 1+w form); perturb them so
         # tests notice a norm whose weight was dropped or applied twice.
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "norm" in name and p.ndim == 1:
+                    p.add_(0.1 * torch.randn_like(p))
+    if arch == "qwen2":
+        # Biases start at 0; Qwen's real ones are not, and the v bias is what feeds the constant term c.
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("_proj.bias"):
                     p.add_(0.1 * torch.randn_like(p))
     return model
