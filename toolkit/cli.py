@@ -6,6 +6,7 @@ Commands:
     decompose tokenwise decomposition of layer updates: fits, residual geometry, KL, report
     jacobian  detached Jacobian of a prompt: exact reconstruction, SVD decoded to tokens, report
     steer     steer generation with a concept prompt's detached Jacobian (eq. 16), side by side
+    check-freeze  audit the freeze on a model: every module's rule, exactness checks on a probe prompt
     demo      the main job on the embedded default model and corpus, at a small scale
 """
 from __future__ import annotations
@@ -134,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_jacobian_parser(sub)
     from toolkit.jacobian.steer_command import add_steer_parser
     add_steer_parser(sub)
+    from toolkit.jacobian.check_freeze_command import add_check_freeze_parser
+    add_check_freeze_parser(sub)
     p = sub.add_parser("demo", help="the main job on the embedded default, small scale")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--model", default="smollm2-135m")

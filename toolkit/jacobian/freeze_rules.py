@@ -209,6 +209,9 @@ def _install_activation(m: nn.Module, path: str, store: FactorStore) -> list[Und
     return [swap_forward(m, forward)]
 
 
+install_activation = _install_activation  # public: register_rule(MyAct, "activation", install_activation)
+
+
 # ----- gated MLPs (SwiGLU / GeGLU) -------------------------------------------------------------
 def _install_gated_mlp(m: nn.Module, path: str, store: FactorStore) -> list[Undo]:
     # x * gate(x) would leave the product bilinear; the whole act(gate) is the factor. The act runs
@@ -383,7 +386,37 @@ def register_rule(cls: type, kind: str, install: Install | None, note: str = "",
                   gain: Callable[[nn.Module], Tensor | None] | None = None) -> None:
     """Add (or replace) the rule for ``cls``; ``install=None`` declares it linear; norms give their ``gain``.
 
+    Rules are keyed by the exact class. ``install(module, path, store)`` patches one instance so that
+    its nonlinear factor comes from ``store.get(f"{path}:name", compute)`` (detached, recorded once,
+    replayed after) and returns the undo callables. An activation ``act(x) = x * g(x)`` needs no
+    install code: put its gate ``g`` in :data:`ACTIVATION_GATES` and use :data:`install_activation`.
+    Then run :func:`toolkit.jacobian.audit.check_freeze` to see the freeze hold on the model.
+
     Example:
+        A model with a custom activation is refused until its rule is registered:
+
+        >>> from toolkit.jacobian.audit import check_freeze
+        >>> from toolkit.jacobian.freeze import UnsupportedModuleError
+        >>> from toolkit.models.tiny import tiny_hf_model
+        >>> class SquaredReLU(nn.Module):                # act(x) = relu(x)^2 = x * [relu(x)]
+        ...     def forward(self, x):
+        ...         return torch.relu(x) ** 2
+        >>> model = tiny_hf_model("gpt2")
+        >>> for block in model.transformer.h:
+        ...     block.mlp.act = SquaredReLU()
+        >>> try:
+        ...     check_freeze(model)
+        ... except UnsupportedModuleError as err:
+        ...     print("SquaredReLU" in str(err))
+        True
+        >>> ACTIVATION_GATES[SquaredReLU] = lambda m: torch.relu           # the gate g with act(x) = x * g(x)
+        >>> register_rule(SquaredReLU, "activation", install_activation, "x * [relu(x)]")
+        >>> check_freeze(model).passed
+        True
+        >>> del RULES[SquaredReLU], ACTIVATION_GATES[SquaredReLU]           # (leave the tables as they were)
+
+        A module that only reshapes or projects is declared linear:
+
         >>> register_rule(nn.Identity, "linear", None, "identity")
     """
     RULES[cls] = Rule(kind, install, note, gain)
