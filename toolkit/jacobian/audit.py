@@ -142,8 +142,8 @@ class FreezeAudit:
         lines = [f"Freeze audit of {self.model} ({self.dtype}, probe of {len(self.prompt_ids)} tokens): "
                  f"{'PASS' if self.passed else 'FAIL'}",
                  f"{len(self.modules)} modules, {len(rows)} classes, every one covered:",
-                 "  " + "  ".join(h.ljust(w[i]) for i, h in enumerate(("class", "n", "kind", "rule", "e.g. at")))]
-        lines += ["  " + "  ".join(str(v).ljust(w[i]) for i, v in enumerate(r)) for r in rows]
+                 ("  " + "  ".join(h.ljust(w[i]) for i, h in enumerate(("class", "n", "kind", "rule", "e.g. at")))).rstrip()]
+        lines += [("  " + "  ".join(str(v).ljust(w[i]) for i, v in enumerate(r))).rstrip() for r in rows]
         lines.append("checks:")
         wn = max(len(c.name) for c in self.checks)
         lines += [f"  {'pass' if c.passed else 'FAIL'}  {c.name.ljust(wn)}  {c.value:.2e} <= {c.tolerance:.0e}"
