@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from toolkit.jacobian.result import relative_error
+from toolkit.metrics import relative_error
 
 PROMPT = "The bridge out of Marin is the"
 MIDDLE = 12  # of 24 blocks
@@ -58,13 +58,12 @@ def test_qwen_reconstruction_is_exact_and_needs_c(qwen, target):
 
 def test_qwen_backends_agree(qwen, qwen_tl):
     from toolkit.jacobian import detached_jacobian
-    from toolkit.jacobian.through_backend import backend_jacobian
     ids = qwen.to_tokens("The capital of France is")
     torch.testing.assert_close(qwen.hidden_states(ids), qwen_tl.hidden_states(ids), rtol=1e-4, atol=1e-4)
     # boundary 4: the bridge makes each backward pass slow; the output target is covered on tiny qwen2
     ref = detached_jacobian(qwen.hf_model, ids[0], target=4, chunk_size=64)
-    via_nn = backend_jacobian(qwen, ids[0], target=4, chunk_size=64)
-    via_tl = backend_jacobian(qwen_tl, ids[0], target=4, chunk_size=64)
+    via_nn = detached_jacobian(qwen, ids[0], target=4, chunk_size=64)      # through the nnsight trace
+    via_tl = detached_jacobian(qwen_tl, ids[0], target=4, chunk_size=64)   # through TransformerLens hooks
     for r in (via_nn, via_tl):
         assert r.reconstruction_error < 1e-5, r
         assert relative_error(r.jacobian, ref.jacobian) < 1e-5

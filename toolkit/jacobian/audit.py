@@ -58,8 +58,9 @@ from torch import Tensor, nn
 from toolkit.jacobian.compute import detached_jacobian, input_embeddings, linear_map
 from toolkit.jacobian.freeze import check_supported, detached
 from toolkit.jacobian.freeze_rules import rule_for
-from toolkit.jacobian.result import relative_error
+from toolkit.metrics import relative_error, require_eval_mode
 from toolkit.models.architectures import spec_for
+from toolkit.prompts import single_sequence
 
 PROBE_PROMPT = "The bridge out of Marin is the"
 # Relative-error tolerances per parameter dtype: float32 is the paper's exactness claim (~1e-6 seen).
@@ -175,12 +176,7 @@ def _unwrap(model) -> tuple[nn.Module, Any]:
 def _probe_ids(prompt, tokenizer, vocab_size: int) -> Tensor:
     if prompt is None:
         prompt = PROBE_PROMPT if tokenizer is not None else list(range(1, 9))
-    if isinstance(prompt, str):
-        if tokenizer is None:
-            raise ValueError("a text prompt needs a tokenizer: pass a Backend (toolkit.load_model) or token ids.")
-        ids = tokenizer(prompt, return_tensors="pt").input_ids[0]
-    else:
-        ids = torch.as_tensor(prompt).flatten()
+    ids = single_sequence(None, prompt, tokenizer=tokenizer)
     if ids.numel() < 2 or int(ids.max()) >= vocab_size or int(ids.min()) < 0:
         raise ValueError(f"the probe prompt needs at least 2 token ids in [0, {vocab_size}); got {ids.tolist()}.")
     return ids.long()
@@ -221,8 +217,7 @@ def check_freeze(model, prompt: str | Sequence[int] | Tensor | None = None, *, c
         (True, ['forward unchanged', 'reconstruction output'])
     """
     hf_model, tokenizer = _unwrap(model)
-    if hf_model.training:
-        raise ValueError("the model is in training mode (dropout is not linear): call model.eval() first.")
+    require_eval_mode(hf_model)
     modules = coverage(hf_model)
     ids = _probe_ids(prompt, tokenizer, hf_model.config.vocab_size).to(next(hf_model.parameters()).device)
     dtype = next(hf_model.parameters()).dtype
