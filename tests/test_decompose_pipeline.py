@@ -11,7 +11,7 @@ from toolkit.backends import make_backend
 from toolkit.decompose.pipeline import decompose
 from toolkit.decompose.report import write_decomposition_report
 from toolkit.decompose.result import DecompositionResult
-from toolkit.models.tiny import tiny_hf_model
+from toolkit.models.tiny import TINY_ARCHITECTURES, tiny_hf_model
 from toolkit.plots import decomposition as figs
 
 SMALL = dict(n_train=8, n_test=3, seq_len=32, per_text=4, k=16, rank=8, mlp_steps=20, n_boot=100, progress=False)
@@ -51,6 +51,14 @@ def test_result_has_every_metric_and_roundtrips(tiny, tmp_path):
         assert isinstance(fig, go.Figure) and fig.layout.title.text and fig.layout.xaxis.title.text
     html = write_decomposition_report(result, tmp_path / "report.html").read_text()
     assert html.count("Plotly.newPlot") >= 8
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+def test_runs_end_to_end_on_every_tiny_architecture(arch, smollm2_tokenizer):
+    model = make_backend(tiny_hf_model(arch, vocab_size=smollm2_tokenizer.vocab_size), smollm2_tokenizer)
+    result = decompose(model, "embedded", layers=[1], **{**SMALL, "n_train": 6, "n_test": 2}, compare_mlp=False)
+    rel, kl = result.anchors["rel_err"], result.anchors["kl"]
+    assert len(rel) == 2 * 4 and np.isfinite(rel).all() and (rel > 0).all() and (kl >= 0).all()
 
 
 def test_rank_controls_rel_err(tiny):

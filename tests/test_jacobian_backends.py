@@ -22,7 +22,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
 @pytest.mark.parametrize("target", ["output", 1])
 def test_tiny_backends_equal_direct(arch, target, smollm2_tokenizer):
     hf = tiny_hf_model(arch, vocab_size=smollm2_tokenizer.vocab_size)
@@ -101,7 +101,7 @@ def test_bad_backend_and_target(smollm2_tokenizer):
     model.hf_model.eval()
 
 
-@pytest.mark.parametrize("arch", ["mamba", "gemma3", "gpt_neox", "qwen3"] + NO_TL_BRIDGE)
+@pytest.mark.parametrize("arch", ["mamba", "gemma3", "gpt_neox", "qwen3", "qwen2"] + NO_TL_BRIDGE)
 def test_tiny_nnsight_equals_direct_on_other_architectures(arch, smollm2_tokenizer):
     """nnsight serves Mamba and Gemma (and can serve Pythia): same Jacobian as the direct path."""
     hf = tiny_hf_model(arch, vocab_size=smollm2_tokenizer.vocab_size)

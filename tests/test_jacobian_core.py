@@ -13,7 +13,7 @@ from toolkit.models.tiny import TINY_ARCHITECTURES, tiny_hf_model
 
 IDS = torch.tensor([3, 17, 42, 7, 99, 5])
 OTHER_IDS = torch.tensor([11, 2, 250, 64, 8, 31])
-AFFINE = {"gpt2", "gpt_neox", "mamba", "gptj", "gpt_neo"}  # biases / LayerNorm offsets / conv bias: c != 0 once frozen
+AFFINE = {"gpt2", "gpt_neox", "mamba", "gptj", "gpt_neo", "qwen2"}  # biases / LayerNorm offsets / conv bias: c != 0 once frozen
 
 
 def tiny(arch: str, **kwargs) -> nn.Module:

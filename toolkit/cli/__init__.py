@@ -7,6 +7,7 @@ Commands:
     jacobian  detached Jacobian of a prompt: exact reconstruction, SVD decoded to tokens, report
     steer     steer generation with a concept prompt's detached Jacobian (eq. 16), side by side
     demo      the main job on the embedded default model and corpus, at a small scale
+    check-freeze  audit the freeze on a model: every module's rule, exactness checks on a probe prompt
 
 Bad input (an unknown model, a bad setting, a corpus that does not decode, ...) is reported as one
 line, ``error: ...``, with exit status 2, before any model is loaded.
@@ -21,7 +22,7 @@ from toolkit.cli._args import parse_layers
 
 # One module per command, ``toolkit/cli/<name>.py``, each with ``add_parser(subparsers)`` (which sets
 # ``func``); a new command is one module and one name here.
-COMMANDS = ("models", "collect", "decompose", "jacobian", "steer", "demo")
+COMMANDS = ("models", "collect", "decompose", "jacobian", "steer", "demo", "check-freeze")
 
 __all__ = ["COMMANDS", "build_parser", "main", "parse_layers"]
 

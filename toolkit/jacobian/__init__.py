@@ -19,6 +19,8 @@
 * :mod:`~toolkit.jacobian.matrix_free` — top-k SVD without forming ``J`` (``jacobian_svd``);
 * :mod:`~toolkit.jacobian.all_layers` — every layer's Jacobian from one forward sweep or per-layer VJPs;
 * :mod:`~toolkit.jacobian.layerwise` — per-layer spectra, stable / energy rank, overlap with the last layer.
+* :mod:`~toolkit.jacobian.audit` — ``check_freeze(model)``: every module's rule and the exactness checks
+  on a probe prompt (``python -m toolkit check-freeze MODEL``).
 
 Example:
     >>> import torch
@@ -52,3 +54,7 @@ from toolkit.jacobian.targets import resolve_target, target_input  # noqa: E402
 
 __all__ += ["all_layer_jacobians", "LayerJacobians", "layerwise_spectra", "LayerwiseSpectra", "jacobian_svd",
             "randomized_svd", "TopSVD", "frozen_operator", "FrozenOperator", "resolve_target", "target_input"]
+
+from toolkit.jacobian.audit import FreezeAudit, check_freeze  # noqa: E402
+
+__all__ += ["check_freeze", "FreezeAudit"]

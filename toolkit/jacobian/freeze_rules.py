@@ -61,6 +61,7 @@ from transformers.models.ministral3 import modeling_ministral3 as ministral3
 from transformers.models.mistral import modeling_mistral as mistral
 from transformers.models.olmo2 import modeling_olmo2 as olmo2
 from transformers.models.phi3 import modeling_phi3 as phi3
+from transformers.models.qwen2 import modeling_qwen2 as qwen2
 from transformers.models.qwen3 import modeling_qwen3 as qwen3
 from transformers.models.smollm3 import modeling_smollm3 as smollm3
 from transformers.pytorch_utils import Conv1D
@@ -246,6 +247,9 @@ def _install_activation(m: nn.Module, path: str, store: FactorStore) -> list[Und
     def forward(x: Tensor) -> Tensor:
         return x * store.get(f"{path}:gate", lambda: gate(x))
     return [swap_forward(m, forward)]
+
+
+install_activation = _install_activation  # public: register_rule(MyAct, "activation", install_activation)
 
 
 # ----- gated MLPs (SwiGLU / GeGLU) -------------------------------------------------------------
@@ -440,6 +444,15 @@ def _rules() -> dict[type, Rule]:
          gemma.GemmaTextScaledWordEmbedding, gemma.GemmaRotaryEmbedding, gemma.GemmaDecoderLayer, gemma.GemmaModel,
          gemma.GemmaForCausalLM],
         "linear", None, "affine given frozen children")
+    # ----- Qwen 2 / 2.5 (also the DeepSeek-R1 Qwen distills): Llama's modules plus biases on q, k, v.
+    # The q/k biases sit inside the detached projections; the v bias passes the constant pattern into
+    # o_proj, an input-independent term of the output: it feeds the constant c of y = sum_i J_i x_i + c.
+    add([qwen2.Qwen2RMSNorm], "norm", _install_rmsnorm, "w * x * [rsqrt(mean(x^2)+eps)]", weight)
+    add([qwen2.Qwen2MLP], "gated_mlp", _install_gated_mlp, "down([act(gate(x))] * up(x))")
+    add([qwen2.Qwen2Attention], "attention", _install_separate_qk,
+        "[q_proj+b], [k_proj+b]: constant pattern, V->O linear (v bias -> c)")
+    add([qwen2.Qwen2RotaryEmbedding, qwen2.Qwen2DecoderLayer, qwen2.Qwen2Model, qwen2.Qwen2ForCausalLM],
+        "linear", None, "affine given frozen children")
     return table
 
 
@@ -460,7 +473,37 @@ def register_rule(cls: type, kind: str, install: Install | None, note: str = "",
                   gain: Callable[[nn.Module], Tensor | None] | None = None) -> None:
     """Add (or replace) the rule for ``cls``; ``install=None`` declares it linear; norms give their ``gain``.
 
+    Rules are keyed by the exact class. ``install(module, path, store)`` patches one instance so that
+    its nonlinear factor comes from ``store.get(f"{path}:name", compute)`` (detached, recorded once,
+    replayed after) and returns the undo callables. An activation ``act(x) = x * g(x)`` needs no
+    install code: put its gate ``g`` in :data:`ACTIVATION_GATES` and use :data:`install_activation`.
+    Then run :func:`toolkit.jacobian.audit.check_freeze` to see the freeze hold on the model.
+
     Example:
+        A model with a custom activation is refused until its rule is registered:
+
+        >>> from toolkit.jacobian.audit import check_freeze
+        >>> from toolkit.jacobian.freeze import UnsupportedModuleError
+        >>> from toolkit.models.tiny import tiny_hf_model
+        >>> class SquaredReLU(nn.Module):                # act(x) = relu(x)^2 = x * [relu(x)]
+        ...     def forward(self, x):
+        ...         return torch.relu(x) ** 2
+        >>> model = tiny_hf_model("gpt2")
+        >>> for block in model.transformer.h:
+        ...     block.mlp.act = SquaredReLU()
+        >>> try:
+        ...     check_freeze(model)
+        ... except UnsupportedModuleError as err:
+        ...     print("SquaredReLU" in str(err))
+        True
+        >>> ACTIVATION_GATES[SquaredReLU] = lambda m: torch.relu           # the gate g with act(x) = x * g(x)
+        >>> register_rule(SquaredReLU, "activation", install_activation, "x * [relu(x)]")
+        >>> check_freeze(model).passed
+        True
+        >>> del RULES[SquaredReLU], ACTIVATION_GATES[SquaredReLU]           # (leave the tables as they were)
+
+        A module that only reshapes or projects is declared linear:
+
         >>> register_rule(nn.Identity, "linear", None, "identity")
     """
     RULES[cls] = Rule(kind, install, note, gain)

@@ -63,6 +63,7 @@ Kind = Literal["output", "resid", "attn", "mlp", "block"]
 SUBLAYER_OUTPUTS: dict[str, dict[str, str]] = {
     "llama": {"attn": "self_attn", "mlp": "mlp"},
     "qwen3": {"attn": "self_attn", "mlp": "mlp"},
+    "qwen2": {"attn": "self_attn", "mlp": "mlp"},
     "gemma3": {"attn": "post_attention_layernorm", "mlp": "post_feedforward_layernorm"},
     "gpt2": {"attn": "attn", "mlp": "mlp"},
     "gpt_neox": {"attn": "post_attention_dropout", "mlp": "post_mlp_dropout"},

