@@ -20,6 +20,7 @@ Example:
 from toolkit.backends import Backend, as_backend, make_backend
 from toolkit.decompose.pipeline import decompose as decompose_layers
 from toolkit.jacobian.all_layers import all_layer_jacobians
+from toolkit.jacobian.audit import check_freeze
 from toolkit.jacobian.compute import detached_jacobian, ordinary_jacobian
 from toolkit.jacobian.layerwise import layerwise_spectra
 from toolkit.jacobian.matrix_free import jacobian_svd
@@ -31,5 +32,5 @@ from toolkit.prompts import ensure_tokens
 __version__ = "0.1.0"
 __all__ = ["Backend", "make_backend", "as_backend", "load_model", "DEFAULT_MODEL", "ensure_tokens",
            "decompose_layers", "detached_jacobian", "ordinary_jacobian", "jacobian_svd", "all_layer_jacobians",
-           "layerwise_spectra", "steer", "steering_sweep", "load", "__version__"]
+           "layerwise_spectra", "steer", "steering_sweep", "check_freeze", "load", "__version__"]
 from toolkit.persist import load  # noqa: E402  (toolkit.load(path): any saved result, by its recorded kind)
