@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from toolkit.jacobian.compute import build_result
+from toolkit.jacobian.guards import Checks
 from toolkit.jacobian.freeze import detached as frozen
 from toolkit.jacobian.freeze import eager_attention
 from toolkit.jacobian.operator import basis, batched_jvp, batched_replay, batched_vjp, jacobian_by_rows
@@ -129,7 +130,8 @@ def choose_mode(n_positions: int, depths: list[float],
 
 def all_layer_jacobians(hf_model: nn.Module, input_ids: Tensor, *, position: int = -1,
                         components: Iterable[str] = ("resid",), output: bool = True, mode: AllMode = "auto",
-                        detached: bool = True, chunk_size: int = 64, model_id: str | None = None) -> LayerJacobians:
+                        detached: bool = True, chunk_size: int = 64, model_id: str | None = None,
+                        strict: bool = True) -> LayerJacobians:
     """Jacobians ``dy_t/dh_0`` of every layer target ``t`` at ``position``, by one forward sweep or per-layer VJPs.
 
     Args:
@@ -142,6 +144,9 @@ def all_layer_jacobians(hf_model: nn.Module, input_ids: Tensor, *, position: int
             target) or ``"auto"`` (the cheaper by :func:`choose_mode`).
         detached: ``False`` for ordinary Jacobians (then ``c`` is the plain model at zero).
         chunk_size: JVPs or VJPs per batched pass.
+        strict: as in :func:`~toolkit.jacobian.compute.detached_jacobian`: the model must run nothing
+            the freeze cannot see, every frozen target must equal the live model's, and every
+            reconstruction must meet the dtype's bound; ``False`` records warnings instead.
 
     Example:
         >>> import torch
@@ -170,13 +175,20 @@ def all_layer_jacobians(hf_model: nn.Module, input_ids: Tensor, *, position: int
     chosen, costs = choose_mode(T, [_depth(s, n_layers) for s in specs], JVP_COST[route])
     mode = chosen if mode == "auto" else mode
     f = states_function(hf_model, names, position=position)
+    checks = Checks(strict=strict, dtype=x.dtype)
+    if detached:
+        with torch.no_grad():  # every target as the live model computes it (hooks and overrides included)
+            ys_live = f(x)
 
     undo_eager = [] if detached else eager_attention(hf_model)
     try:
-        with (frozen(hf_model) if detached else _null()) as freeze:
+        with (frozen(hf_model, checks=checks) if detached else _null()) as freeze:
             xg = x.clone().requires_grad_(mode == "reverse")
             with freeze.recording(), torch.set_grad_enabled(mode == "reverse"):
                 ys = f(xg)
+            if detached:
+                checks.compare_live(torch.cat([y.reshape(-1) for y in ys]),
+                                    torch.cat([y.reshape(-1) for y in ys_live]))
             with freeze.replaying():
                 with torch.no_grad():
                     cs = f(torch.zeros_like(x))
@@ -204,7 +216,8 @@ def all_layer_jacobians(hf_model: nn.Module, input_ids: Tensor, *, position: int
     for name, spec, y, jac, c in zip(names, specs, ys, jacs, cs):
         results[name] = build_result(hf_model, ids, x, y.detach(), jac, c.detach(),
                                      target=spec.name, position=position, detached=detached,
-                                     chunk_size=chunk_size, model_id=model_id, input="h_0", mode=mode)
+                                     chunk_size=chunk_size, model_id=model_id, checks=checks.copy(),
+                                     input="h_0", mode=mode)
     settings = {"position": results[names[0]].settings["position"], "components": list(components),
                 "output": output, "mode": mode, "auto_choice": chosen,
                 "n_tangents": T * d, "n_rows": d * len(names),

@@ -30,12 +30,14 @@ Example:
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from toolkit.jacobian.freeze import detached as frozen
+from toolkit.jacobian.guards import Checks
 from toolkit.jacobian.operator import Mode, batched_vjp, frozen_operator, jacobian_by_rows
 from toolkit.jacobian.result import DetachedJacobian
 from toolkit.jacobian.targets import (Target, _as_ids, input_embeddings, resolve_target, state_function,
@@ -43,7 +45,7 @@ from toolkit.jacobian.targets import (Target, _as_ids, input_embeddings, resolve
 from toolkit.models.architectures import spec_for
 
 __all__ = ["Target", "input_embeddings", "target_function", "jacobian_rows", "linear_map", "detached_jacobian",
-           "jacobian_terms", "build_result", "ordinary_jacobian"]
+           "jacobian_terms", "JacobianTerms", "build_result", "ordinary_jacobian"]
 
 
 def _check_target(hf_model: nn.Module, target: Target) -> Target:
@@ -135,7 +137,7 @@ def linear_map(hf_model: nn.Module, x_star: Tensor, target: Target = "output", p
 
 def detached_jacobian(hf_model: nn.Module, input_ids: Tensor, *, target: Target = "output", position: int = -1,
                       detached: bool = True, chunk_size: int = 64, mode: Mode = "reverse",
-                      model_id: str | None = None) -> DetachedJacobian:
+                      model_id: str | None = None, strict: bool = True) -> DetachedJacobian:
     """The detached Jacobian ``J_i = dy/dx_i`` for every input position, with ``y``, ``x`` and ``c``.
 
     Args:
@@ -149,6 +151,10 @@ def detached_jacobian(hf_model: nn.Module, input_ids: Tensor, *, target: Target 
             ``c`` is the unfrozen model at zero input, so its reconstruction is not exact.
         chunk_size: rows (reverse) or columns (forward) per batched pass (memory bound).
         mode: ``"reverse"`` (``d_out`` VJPs, the default) or ``"forward"`` (``T * d_in`` JVPs).
+        strict: a model the freeze cannot see through (hooks, instance ``forward`` overrides), or
+            a result whose frozen output or reconstruction misses the dtype's tolerance, raises
+            (see :mod:`toolkit.jacobian.guards`); ``False`` returns it with a warning recorded in
+            ``result.settings["warnings"]``.
 
     Example:
         >>> import torch
@@ -166,20 +172,36 @@ def detached_jacobian(hf_model: nn.Module, input_ids: Tensor, *, target: Target 
     spec = resolve_target(hf_model, target)
     x = target_input(hf_model, ids, spec)
     f = state_function(hf_model, spec, input_ids=ids, position=position)
-    y, jac, c = jacobian_terms(hf_model, f, x, detached=detached, chunk_size=chunk_size, mode=mode)
-    return build_result(hf_model, ids, x, y, jac, c, target=spec.name, position=position, detached=detached,
-                        chunk_size=chunk_size, model_id=model_id, input=spec.input_name, mode=mode)
+    terms = jacobian_terms(hf_model, f, x, detached=detached, chunk_size=chunk_size, mode=mode, strict=strict)
+    return build_result(hf_model, ids, x, *terms, target=spec.name, position=position, detached=detached,
+                        chunk_size=chunk_size, model_id=model_id, checks=terms.checks, input=spec.input_name,
+                        mode=mode)
+
+
+@dataclass
+class JacobianTerms:
+    """``(y, J, c)`` (unpacks as that triple) and the :class:`~toolkit.jacobian.guards.Checks` they passed."""
+
+    y: Tensor
+    jacobian: Tensor
+    c: Tensor
+    checks: Checks = field(default_factory=Checks)
+
+    def __iter__(self):
+        return iter((self.y, self.jacobian, self.c))
 
 
 def jacobian_terms(hf_model: nn.Module, f: Callable[[Tensor], Tensor], x: Tensor, *, detached: bool = True,
-                   chunk_size: int = 64, mode: Mode = "reverse") -> tuple[Tensor, Tensor, Tensor]:
+                   chunk_size: int = 64, mode: Mode = "reverse", strict: bool = True) -> JacobianTerms:
     """``(y, J, c)`` of any ``f: x [T, d] -> y [d_out]`` that runs ``hf_model``, frozen or not.
 
     This is the one place where the freeze, the chunked rows (or columns) and the constant
     term meet, through :func:`toolkit.jacobian.operator.frozen_operator`; the direct path
     (:func:`detached_jacobian`) and the backend paths (:mod:`toolkit.jacobian.through_backend`)
     only differ in ``f``. Detached: the factors are recorded at ``x`` and ``c = F(0)`` replays
-    them; ordinary: ``c`` is the plain model at zero. ``J`` is ``[T, d_out, d_in]``.
+    them; ordinary: ``c`` is the plain model at zero. ``J`` is ``[T, d_out, d_in]``. The
+    operator's checks (live output, affinity; see :func:`~toolkit.jacobian.operator.frozen_operator`)
+    come back in ``.checks`` for :func:`build_result`, which adds the dense reconstruction check.
 
     Example:
         >>> import torch
@@ -190,7 +212,7 @@ def jacobian_terms(hf_model: nn.Module, f: Callable[[Tensor], Tensor], x: Tensor
         >>> J.shape, float(c.norm())   # bias-free Llama: no constant term
         (torch.Size([3, 64, 64]), 0.0)
     """
-    with frozen_operator(hf_model, f, x, detached=detached, chunk_size=chunk_size) as op:
+    with frozen_operator(hf_model, f, x, detached=detached, chunk_size=chunk_size, strict=strict) as op:
         y = op.y
         if y.ndim != 1:
             raise ValueError(f"y must be a vector [d_out], got shape {tuple(y.shape)}.")
@@ -200,15 +222,19 @@ def jacobian_terms(hf_model: nn.Module, f: Callable[[Tensor], Tensor], x: Tensor
         else:
             jac = op.dense(mode).reshape(d_out, *x.shape).movedim(0, -2).contiguous()
         c = op.constant()
-    return y.detach(), jac.detach(), c.detach()
+    return JacobianTerms(y.detach(), jac.detach(), c.detach(), op.checks)
 
 
 def build_result(hf_model: nn.Module, ids: Tensor, x: Tensor, y: Tensor, jac: Tensor, c: Tensor, *,
                  target: Target, position: int, detached: bool, chunk_size: int, model_id: str | None = None,
-                 **extra_settings) -> DetachedJacobian:
-    """Wrap ``(x, y, J, c)`` in a :class:`DetachedJacobian` with the settings that made it.
+                 checks: Checks | None = None, strict: bool = True, **extra_settings) -> DetachedJacobian:
+    """Wrap ``(x, y, J, c)`` in a :class:`DetachedJacobian` with the settings that made it, once checked.
 
-    ``extra_settings`` (e.g. ``backend="nnsight"``) are added to ``settings``.
+    ``extra_settings`` (e.g. ``backend="nnsight"``) are added to ``settings``. Every route ends
+    here, so this is where a detached result's reconstruction error is held to the dtype's bound
+    (:data:`toolkit.jacobian.guards.TOLERANCES`): above it, :class:`~toolkit.jacobian.guards.FreezeCheckError`
+    (``strict``, or the strictness of ``checks``, the earlier checks' record), else a warning in
+    ``settings["warnings"]``. ``settings["checks"]`` holds the measured errors and the bounds.
 
     Example:
         >>> import torch
@@ -231,8 +257,13 @@ def build_result(hf_model: nn.Module, ids: Tensor, x: Tensor, y: Tensor, jac: Te
                 "position": position if position >= 0 else ids.numel() + position, "detached": detached,
                 "chunk_size": chunk_size, "dtype": str(x.dtype), "n_layers": len(spec.blocks(hf_model)),
                 "notes": notes, **extra_settings}
-    return DetachedJacobian(jacobian=jac.detach(), y=y.detach(), x=x.detach(), c=c.detach(), token_ids=ids.cpu(),
-                            settings=settings)
+    result = DetachedJacobian(jacobian=jac.detach(), y=y.detach(), x=x.detach(), c=c.detach(), token_ids=ids.cpu(),
+                              settings=settings)
+    checks = checks if checks is not None else Checks(strict=strict, dtype=x.dtype)
+    if detached:  # the ordinary Jacobian's reconstruction is not exact by design
+        checks.check("reconstruction", result.reconstruction_error)
+    settings.update(checks.as_settings())
+    return result
 
 
 def ordinary_jacobian(hf_model: nn.Module, input_ids: Tensor, **kwargs) -> DetachedJacobian:

@@ -35,7 +35,7 @@ Example:
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from math import prod
 from typing import Callable, Iterator, Literal
 
@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from toolkit.jacobian.freeze import detached as frozen
 from toolkit.jacobian.freeze import eager_attention
+from toolkit.jacobian.guards import Checks, affine_probe
 
 Mode = Literal["forward", "reverse"]
 
@@ -173,6 +174,7 @@ class FrozenOperator:
     _y_graph: Tensor
     _constant: Tensor
     jvp_route: str = "ad"  # "replay": the map is linear, JVPs are batched replays of f
+    checks: Checks = field(default_factory=Checks)  # live-output and affinity verdicts (detached only)
 
     @property
     def in_shape(self) -> tuple[int, ...]:
@@ -261,7 +263,8 @@ class FrozenOperator:
 
 @contextmanager
 def frozen_operator(hf_model: nn.Module, f: Callable[[Tensor], Tensor], x: Tensor, *, detached: bool = True,
-                    chunk_size: int = 64, jvp: Literal["auto", "ad", "replay"] = "auto") -> Iterator[FrozenOperator]:
+                    chunk_size: int = 64, jvp: Literal["auto", "ad", "replay"] = "auto",
+                    strict: bool = True) -> Iterator[FrozenOperator]:
     """Freeze ``hf_model``, record ``f(x)``, and yield the :class:`FrozenOperator` of ``df/dx`` at ``x``.
 
     ``detached=False`` gives the ordinary Jacobian of the same ``f`` (no freeze; attention
@@ -270,6 +273,13 @@ def frozen_operator(hf_model: nn.Module, f: Callable[[Tensor], Tensor], x: Tenso
     ``jvp``: ``"ad"`` (forward-mode AD), ``"replay"`` (batched replay; only for a linear map,
     ``c == 0``), or ``"auto"`` (replay when the detached map's constant is exactly zero).
     ``f`` must accept a batch ``[B, *x.shape]`` for the replay route (the target functions do).
+
+    Every detached operator is checked before it is handed out (see :mod:`toolkit.jacobian.guards`):
+    the model must run nothing the freeze cannot see (instance ``forward`` overrides, hooks), the
+    frozen ``f(x)`` must equal the live, unfrozen ``f(x)``, and ``J x + c = y`` must hold on a few
+    VJP probes, within the dtype's tolerance. A failure raises
+    :class:`~toolkit.jacobian.guards.FreezeCheckError`; ``strict=False`` warns and records it in
+    ``op.checks``.
 
     Example:
         >>> import torch
@@ -288,24 +298,34 @@ def frozen_operator(hf_model: nn.Module, f: Callable[[Tensor], Tensor], x: Tenso
         raise ValueError(f"jvp must be 'auto', 'ad' or 'replay', got {jvp!r}.")
     _check_chunk(chunk_size)
     x = x.detach()
+    checks = Checks(strict=strict, dtype=x.dtype)
+    y_live = None
+    if detached:  # the model as the user runs it: unfrozen, its hooks and overrides included
+        with torch.no_grad():
+            y_live = f(x)
     undo_eager = [] if detached else eager_attention(hf_model)
     try:
-        with frozen(hf_model) if detached else nullcontext() as freeze:
+        with frozen(hf_model, checks=checks) if detached else nullcontext() as freeze:
             xg = x.clone().requires_grad_(True)
             with freeze.recording() if detached else nullcontext(), torch.enable_grad():
                 y_graph = f(xg)
             if not isinstance(y_graph, Tensor):
                 raise ValueError(f"f must return one tensor, got {type(y_graph).__name__}.")
+            if detached:
+                checks.compare_live(y_graph, y_live)
             with freeze.replaying() if detached else nullcontext():
                 with torch.no_grad():
                     c = f(torch.zeros_like(x)).detach()
+                if detached:
+                    checks.check("affine", affine_probe(lambda U: batched_vjp(y_graph, xg, U, chunk_size), x,
+                                                        y_graph, c))
                 linear = detached and not bool(c.any())
                 if jvp == "replay" and not linear:
                     raise ValueError("jvp='replay' needs a linear frozen map (constant term exactly 0, detached=True); "
                                      "this one has a constant term: use jvp='ad'.")
                 route = "replay" if (jvp == "replay" or (jvp == "auto" and linear)) else "ad"
                 yield FrozenOperator(f=f, x=x, y=y_graph.detach(), chunk_size=chunk_size, _x_graph=xg,
-                                     _y_graph=y_graph, _constant=c, jvp_route=route)
+                                     _y_graph=y_graph, _constant=c, jvp_route=route, checks=checks)
     finally:
         for undo in reversed(undo_eager):
             undo()

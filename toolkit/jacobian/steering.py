@@ -70,6 +70,7 @@ from toolkit.backends.base import Backend, Patch
 from toolkit.jacobian.compute import input_embeddings
 from toolkit.jacobian.factors import FactorStore
 from toolkit.jacobian.freeze import detached
+from toolkit.jacobian.guards import Checks
 from toolkit.jacobian.result import relative_error
 from toolkit.jacobian.steering_result import SteeringResult, SteeringRun
 from toolkit.jacobian.through_backend import backend_target_function
@@ -123,8 +124,11 @@ class ConceptOperator:
         self.x_star = model.hidden_states(ids[None], layers=[0])[0, 0].detach()  # h_0 through the backend
         self._f = backend_target_function(model, ids, target=layer, position=self.position)
         self._store = FactorStore()
+        with torch.no_grad():  # the live model's own h_l (hooks and overrides included), to check the freeze
+            y_live = self._f(self.x_star).detach()
         with detached(model.hf_model, store=self._store) as freeze, freeze.recording(), torch.no_grad():
             self.y = self._f(self.x_star).detach()
+        Checks(dtype=self.y.dtype).compare_live(self.y, y_live)
         self.c, at_x_star = self._replay([torch.zeros_like(self.x_star), self.x_star])
         #: ``||F(x*) - h_l(x*)|| / ||h_l(x*)||``: the replayed map reproduces the concept's state.
         self.replay_error = relative_error(at_x_star, self.y)

@@ -130,7 +130,7 @@ def backend_target_function(model: Backend, input_ids: Tensor, target: Target = 
 
 
 def backend_jacobian(model: Backend, input_ids: Tensor, target: Target = "output", position: int = -1,
-                     detached: bool = True, chunk_size: int = 64) -> DetachedJacobian:
+                     detached: bool = True, chunk_size: int = 64, strict: bool = True) -> DetachedJacobian:
     """``J_i = dy/dx_i`` computed through the backend's hooking, with the freeze on ``model.hf_model``.
 
     Args:
@@ -140,6 +140,8 @@ def backend_jacobian(model: Backend, input_ids: Tensor, target: Target = "output
         position: which position's ``y`` (default the last).
         detached: ``False`` for the ordinary Jacobian of the same map.
         chunk_size: output rows per batched backward pass.
+        strict: refuse (``True``) or record a warning (``False``) when the freeze cannot see
+            through the model or the result misses the dtype's tolerance (:mod:`toolkit.jacobian.guards`).
 
     Returns:
         a :class:`DetachedJacobian` whose ``settings["backend"]`` names the path taken.
@@ -160,6 +162,6 @@ def backend_jacobian(model: Backend, input_ids: Tensor, target: Target = "output
     model.check_tokens(ids)
     x = model.hidden_states(ids[None], layers=[0])[0, 0].detach()  # h_0 through the backend: [T, d]
     f = backend_target_function(model, ids, target, position)
-    y, jac, c = jacobian_terms(hf_model, f, x, detached=detached, chunk_size=chunk_size)
-    return build_result(hf_model, ids, x, y, jac, c, target=target, position=position, detached=detached,
-                        chunk_size=chunk_size, model_id=model.info.model_id, backend=model.name)
+    terms = jacobian_terms(hf_model, f, x, detached=detached, chunk_size=chunk_size, strict=strict)
+    return build_result(hf_model, ids, x, *terms, target=target, position=position, detached=detached,
+                        chunk_size=chunk_size, model_id=model.info.model_id, checks=terms.checks, backend=model.name)
