@@ -13,9 +13,10 @@ that silently wrong:
 
 :func:`inspect_model` lists every such thing it cannot see through, each with its module path,
 what it is, and the fix. It sees through the wrappers it knows: nnsight 0.8's ``Controller``
-(an instance ``forward`` whose body is the class's own), TransformerLens' ``HookPoint`` hooks
-while they are the toolkit's own, and the toolkit's own reading hooks
-(:func:`toolkit_hook`). A hook the user knows to be affine (a fixed steering vector added, a
+(an instance ``forward`` whose body is the class's own), the read-only hooks transformers and
+TransformerBridge install themselves (:data:`KNOWN_HOOKS`), and the toolkit's own reading hooks
+(:func:`toolkit_hook`); a user's TransformerLens hook (``bridge.add_hook``) is named with its
+hook point. A hook the user knows to be affine (a fixed steering vector added, a
 projection) can be let through with :func:`affine_hook`.
 
 After the Jacobian is computed, :class:`Checks` verifies the numbers: the frozen forward must
@@ -146,6 +147,21 @@ def _marked(fn: Any, mark: str) -> bool:
     return False
 
 
+# Hooks other libraries install on their own, that only read values (or route them to hook points whose
+# user hooks are inspected on their own): qualified name (module:qualname) or module prefix -> why it is safe.
+KNOWN_HOOKS: dict[str, str] = {
+    "transformers.utils.output_capturing:install_output_capuring_hook.<locals>.output_capturing_hook":
+        "transformers' output recorder (output_hidden_states / output_attentions): reads, returns None",
+    "transformer_lens.model_bridge.": "TransformerBridge wiring (captures, routes to hook points; the hook "
+                                      "points' own hooks are inspected separately)",
+}
+
+
+def _known(fn: Any) -> bool:
+    name = f"{getattr(fn, '__module__', '')}:{getattr(fn, '__qualname__', '')}"
+    return any(name == k or (k.endswith(".") and name.startswith(k)) for k in KNOWN_HOOKS)
+
+
 def _describe(fn: Any) -> str:
     name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
     return f"{name!s}"
@@ -194,7 +210,7 @@ def _hook_findings(path: str, module: nn.Module) -> list[Finding]:
     for attr, kind in _HOOK_KINDS:
         for hook_id, hook in (getattr(module, attr, None) or {}).items():
             user = tl.get(hook_id, hook)
-            if _marked(hook, _OWN) or _marked(user, _AFFINE) or _marked(hook, _AFFINE):
+            if _marked(hook, _OWN) or _marked(user, _AFFINE) or _marked(hook, _AFFINE) or _known(hook):
                 continue
             where = f" (TransformerLens hook point {tl_name!r})" if tl_name else ""
             found.append(Finding(path, f"{kind} {_describe(user)}{where} that the freeze would differentiate "
