@@ -36,6 +36,7 @@ from typing import Any, Iterable, Literal
 import torch
 from torch import Tensor, nn
 
+from toolkit.jacobian.budget import check_fits
 from toolkit.jacobian.compute import build_result
 from toolkit.jacobian.guards import Checks
 from toolkit.jacobian.freeze import detached as frozen
@@ -131,7 +132,7 @@ def choose_mode(n_positions: int, depths: list[float],
 def all_layer_jacobians(hf_model: nn.Module, input_ids: Tensor, *, position: int = -1,
                         components: Iterable[str] = ("resid",), output: bool = True, mode: AllMode = "auto",
                         detached: bool = True, chunk_size: int = 64, model_id: str | None = None,
-                        strict: bool = True) -> LayerJacobians:
+                        strict: bool = True, memory_budget: int | None = None) -> LayerJacobians:
     """Jacobians ``dy_t/dh_0`` of every layer target ``t`` at ``position``, by one forward sweep or per-layer VJPs.
 
     Args:
@@ -147,6 +148,8 @@ def all_layer_jacobians(hf_model: nn.Module, input_ids: Tensor, *, position: int
         strict: as in :func:`~toolkit.jacobian.compute.detached_jacobian`: the model must run nothing
             the freeze cannot see, every frozen target must equal the live model's, and every
             reconstruction must meet the dtype's bound; ``False`` records warnings instead.
+        memory_budget: bytes allowed (default: available now); all the Jacobians that would not fit
+            are refused before any work (:func:`toolkit.jacobian.budget.check_fits`).
 
     Example:
         >>> import torch
@@ -168,6 +171,7 @@ def all_layer_jacobians(hf_model: nn.Module, input_ids: Tensor, *, position: int
         raise ValueError("no targets: give at least one component or output=True.")
     n_layers = len(spec_for(hf_model).blocks(hf_model))
     specs = [resolve_target(hf_model, n) for n in names]
+    check_fits(hf_model, ids.numel(), chunk_size=chunk_size, n_targets=len(names), memory_budget=memory_budget)
     x = input_embeddings(hf_model, ids)
     T, d = x.shape
     has_bias = any(name.endswith("bias") for name, _ in hf_model.named_parameters())

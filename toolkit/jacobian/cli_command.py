@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,12 @@ def add_jacobian_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=5, help="decoded tokens per singular vector")
     p.add_argument("--n-vectors", type=int, default=3, help="singular vectors decoded per position")
     p.add_argument("--chunk-size", type=int, default=64, help="Jacobian rows per backward pass")
+    route = p.add_mutually_exclusive_group()
+    route.add_argument("--full", dest="route", action="store_const", const="full",
+                       help="always form the dense Jacobian (refused if it would not fit in memory)")
+    route.add_argument("--matrix-free", dest="route", action="store_const", const="matrix-free",
+                       help="top-k SVD of the whole-prompt map without forming it (default for long prompts)")
+    p.set_defaults(route="auto")
     p.add_argument("--out", default="runs/jacobian", help="output folder")
     p.set_defaults(func=cmd_jacobian)
     return p
@@ -93,8 +100,13 @@ def compute_pair(model, ids, target: str | int, chunk_size: int):
 
 
 def run_jacobian(model, prompt: str = DEFAULT_PROMPT, target: str | int = "output", top_k: int = 5,
-                 n_vectors: int = 3, chunk_size: int = 64, out: str | Path = "runs/jacobian") -> dict[str, Any]:
+                 n_vectors: int = 3, chunk_size: int = 64, out: str | Path = "runs/jacobian",
+                 route: str = "auto") -> dict[str, Any]:
     """Compute, analyse and write everything for one prompt on a loaded backend; returns the summary.
+
+    ``route``: ``"auto"`` takes the matrix-free top-k route for prompts whose dense Jacobian would
+    not fit or take long (:func:`toolkit.jacobian.long_prompt.choose_route`), ``"full"`` /
+    ``"matrix-free"`` force one; the matrix-free route writes ``jacobian.json`` only.
 
     Example:
         >>> summary = run_jacobian(toolkit.load_model(), "The capital of France is", out="/tmp/jac")  # doctest: +SKIP
@@ -102,6 +114,7 @@ def run_jacobian(model, prompt: str = DEFAULT_PROMPT, target: str | int = "outpu
         True
     """
     from toolkit.jacobian.analysis import analyze_with_model
+    from toolkit.jacobian.long_prompt import choose_route, matrix_free_summary
     from toolkit.jacobian.targets import resolve_target
     from toolkit.plots.jacobian import decoded_tokens_table, reconstruction_scatter, singular_spectra
     from toolkit.report import Section, write_report
@@ -110,6 +123,14 @@ def run_jacobian(model, prompt: str = DEFAULT_PROMPT, target: str | int = "outpu
     target = resolve_target(model.hf_model, parse_target(target)).name  # bad targets fail before any work
     out.mkdir(parents=True, exist_ok=True)
     ids = model.to_tokens(prompt)[0]
+    choice = choose_route(model.hf_model, len(ids), route=route, chunk_size=chunk_size)
+    print(f"{len(ids)} tokens: {choice.route} route ({choice.reason})", file=sys.stderr)
+    if choice.route == "matrix-free":
+        summary = {"model": model.info.model_id, "backend": model.name, "prompt": prompt, "reason": choice.reason,
+                   "estimate": choice.estimate.to_dict(),
+                   **matrix_free_summary(model, ids, target=target, k=n_vectors, top_k=top_k, chunk_size=chunk_size)}
+        (out / "jacobian.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+        return summary
     t0 = time.perf_counter()
     det, ordinary = compute_pair(model, ids, target, chunk_size)
     timings = {"detached_and_ordinary_s": time.perf_counter() - t0}
@@ -150,6 +171,12 @@ def format_summary(summary: dict[str, Any]) -> str:
     Example:
         >>> print(format_summary(summary))                                     # doctest: +SKIP
     """
+    if summary.get("route") == "matrix-free":
+        lines = [f"{summary['model']} via {summary['backend']}, target {summary['target']!r}, {summary['n_tokens']} "
+                 f"tokens, matrix-free top-{len(summary['singular_values'])} ({summary['reason']})"]
+        lines += [f"  sigma {v['sigma']:.3g}  out: {' | '.join(v['output_tokens'][:3])!r}  from: "
+                  f"{', '.join(repr(p['token']) for p in v['top_positions'][:3])}" for v in summary["vectors"]]
+        return "\n".join(lines)
     a = summary["analysis"]
     lines = [f"{summary['model']} via {summary['backend']}, target {summary['target']!r}: {summary['prompt']!r}",
              f"reconstruction error: detached {summary['detached']['reconstruction_error']:.2e}, "
@@ -171,7 +198,8 @@ def cmd_jacobian(args: argparse.Namespace) -> int:
     import toolkit
     model = toolkit.load_model(args.model, backend=args.backend)
     summary = run_jacobian(model, prompt=args.prompt, target=parse_target(args.layer), top_k=args.top_k,
-                           n_vectors=args.n_vectors, chunk_size=args.chunk_size, out=args.out)
+                           n_vectors=args.n_vectors, chunk_size=args.chunk_size, out=args.out, route=args.route)
     print(format_summary(summary))
-    print(f"wrote {Path(args.out) / 'jacobian.json'}, {Path(args.out) / 'report.html'}")
+    written = ["jacobian.json"] + ([] if summary.get("route") == "matrix-free" else ["report.html"])
+    print("wrote " + ", ".join(str(Path(args.out) / name) for name in written))
     return 0

@@ -37,12 +37,15 @@ import torch
 from torch import Tensor, nn
 
 from toolkit.jacobian.freeze import detached as frozen
+from toolkit.jacobian.budget import JacobianEstimate, check_fits
 from toolkit.jacobian.guards import Checks
 from toolkit.jacobian.operator import Mode, batched_vjp, frozen_operator, jacobian_by_rows
 from toolkit.jacobian.result import DetachedJacobian
 from toolkit.jacobian.targets import (Target, _as_ids, input_embeddings, resolve_target, state_function,
                                       target_input)
 from toolkit.models.architectures import spec_for
+
+PROGRESS_AFTER_S = 5.0  # show a progress bar by default when the estimate exceeds this
 
 __all__ = ["Target", "input_embeddings", "target_function", "jacobian_rows", "linear_map", "detached_jacobian",
            "jacobian_terms", "JacobianTerms", "build_result", "ordinary_jacobian"]
@@ -137,7 +140,8 @@ def linear_map(hf_model: nn.Module, x_star: Tensor, target: Target = "output", p
 
 def detached_jacobian(hf_model: nn.Module, input_ids: Tensor, *, target: Target = "output", position: int = -1,
                       detached: bool = True, chunk_size: int = 64, mode: Mode = "reverse",
-                      model_id: str | None = None, strict: bool = True) -> DetachedJacobian:
+                      model_id: str | None = None, strict: bool = True, progress: bool | None = None,
+                      memory_budget: int | None = None) -> DetachedJacobian:
     """The detached Jacobian ``J_i = dy/dx_i`` for every input position, with ``y``, ``x`` and ``c``.
 
     Args:
@@ -155,6 +159,10 @@ def detached_jacobian(hf_model: nn.Module, input_ids: Tensor, *, target: Target 
             a result whose frozen output or reconstruction misses the dtype's tolerance, raises
             (see :mod:`toolkit.jacobian.guards`); ``False`` returns it with a warning recorded in
             ``result.settings["warnings"]``.
+        progress: a ``tqdm`` bar over the row chunks (default: when the estimate exceeds a few seconds).
+        memory_budget: bytes the computation may use (default: the memory available now); a
+            prompt whose Jacobian would not fit is refused before any work
+            (:func:`toolkit.jacobian.budget.check_fits`), naming the matrix-free route.
 
     Example:
         >>> import torch
@@ -170,9 +178,11 @@ def detached_jacobian(hf_model: nn.Module, input_ids: Tensor, *, target: Target 
         raise ValueError("the model is in training mode (dropout active); call hf_model.eval() first.")
     ids = _as_ids(input_ids)
     spec = resolve_target(hf_model, target)
+    check_fits(hf_model, ids.numel(), chunk_size=chunk_size, memory_budget=memory_budget)  # before any model run
     x = target_input(hf_model, ids, spec)
     f = state_function(hf_model, spec, input_ids=ids, position=position)
-    terms = jacobian_terms(hf_model, f, x, detached=detached, chunk_size=chunk_size, mode=mode, strict=strict)
+    terms = jacobian_terms(hf_model, f, x, detached=detached, chunk_size=chunk_size, mode=mode, strict=strict,
+                           progress=progress, memory_budget=memory_budget)
     return build_result(hf_model, ids, x, *terms, target=spec.name, position=position, detached=detached,
                         chunk_size=chunk_size, model_id=model_id, checks=terms.checks, input=spec.input_name,
                         mode=mode)
@@ -186,13 +196,15 @@ class JacobianTerms:
     jacobian: Tensor
     c: Tensor
     checks: Checks = field(default_factory=Checks)
+    estimate: JacobianEstimate | None = None
 
     def __iter__(self):
         return iter((self.y, self.jacobian, self.c))
 
 
 def jacobian_terms(hf_model: nn.Module, f: Callable[[Tensor], Tensor], x: Tensor, *, detached: bool = True,
-                   chunk_size: int = 64, mode: Mode = "reverse", strict: bool = True) -> JacobianTerms:
+                   chunk_size: int = 64, mode: Mode = "reverse", strict: bool = True, progress: bool | None = None,
+                   memory_budget: int | None = None) -> JacobianTerms:
     """``(y, J, c)`` of any ``f: x [T, d] -> y [d_out]`` that runs ``hf_model``, frozen or not.
 
     This is the one place where the freeze, the chunked rows (or columns) and the constant
@@ -203,6 +215,12 @@ def jacobian_terms(hf_model: nn.Module, f: Callable[[Tensor], Tensor], x: Tensor
     operator's checks (live output, affinity; see :func:`~toolkit.jacobian.operator.frozen_operator`)
     come back in ``.checks`` for :func:`build_result`, which adds the dense reconstruction check.
 
+    Before any model run, the time and memory are estimated (:func:`toolkit.jacobian.budget.check_fits`):
+    a Jacobian that would not fit in ``memory_budget`` bytes (default: the memory available now)
+    is refused with :class:`~toolkit.jacobian.budget.JacobianTooLargeError`, naming the estimate and
+    the matrix-free route. ``progress``: a ``tqdm`` bar over the row chunks (default: when the
+    estimate exceeds a few seconds). The estimate comes back in ``.estimate``.
+
     Example:
         >>> import torch
         >>> from toolkit.models.tiny import tiny_hf_model
@@ -212,17 +230,20 @@ def jacobian_terms(hf_model: nn.Module, f: Callable[[Tensor], Tensor], x: Tensor
         >>> J.shape, float(c.norm())   # bias-free Llama: no constant term
         (torch.Size([3, 64, 64]), 0.0)
     """
+    estimate = check_fits(hf_model, x.shape[0], chunk_size=chunk_size, memory_budget=memory_budget)
+    progress = estimate.seconds > PROGRESS_AFTER_S if progress is None else progress
     with frozen_operator(hf_model, f, x, detached=detached, chunk_size=chunk_size, strict=strict) as op:
         y = op.y
         if y.ndim != 1:
             raise ValueError(f"y must be a vector [d_out], got shape {tuple(y.shape)}.")
         d_out = y.shape[0]
         if mode == "reverse":  # rows written in place: peak memory = J + one chunk
-            jac = jacobian_by_rows(op.vjp, d_out, tuple(x.shape), chunk_size, dtype=y.dtype, device=y.device)
+            jac = jacobian_by_rows(op.vjp, d_out, tuple(x.shape), chunk_size, dtype=y.dtype, device=y.device,
+                                   progress=progress)
         else:
-            jac = op.dense(mode).reshape(d_out, *x.shape).movedim(0, -2).contiguous()
+            jac = op.dense(mode, progress=progress).reshape(d_out, *x.shape).movedim(0, -2).contiguous()
         c = op.constant()
-    return JacobianTerms(y.detach(), jac.detach(), c.detach(), op.checks)
+    return JacobianTerms(y.detach(), jac.detach(), c.detach(), op.checks, estimate)
 
 
 def build_result(hf_model: nn.Module, ids: Tensor, x: Tensor, y: Tensor, jac: Tensor, c: Tensor, *,

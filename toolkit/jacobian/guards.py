@@ -164,7 +164,7 @@ def _known(fn: Any) -> bool:
 
 def _describe(fn: Any) -> str:
     name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
-    return f"{name!s}"
+    return str(name).split("<locals>.")[-1]  # the name the user gave it, not where it was defined
 
 
 def _tl_user_hooks(module: nn.Module) -> dict[int, Any]:

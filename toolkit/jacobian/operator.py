@@ -41,6 +41,7 @@ from typing import Callable, Iterator, Literal
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from toolkit.jacobian.freeze import detached as frozen
 from toolkit.jacobian.freeze import eager_attention
@@ -139,11 +140,13 @@ def basis(n: int, start: int, stop: int, *, dtype: torch.dtype = torch.float32,
 
 
 def jacobian_by_rows(vjp: Callable[[Tensor], Tensor], d_out: int, in_shape: tuple[int, ...], chunk_size: int = 64,
-                     *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Tensor:
+                     *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                     progress: bool = False, desc: str = "Jacobian rows") -> Tensor:
     """Every row of a ``d_out``-output Jacobian from a VJP callable: ``[*in_shape[:-1], d_out, in_shape[-1]]``.
 
     ``vjp`` maps cotangents ``[B, d_out]`` to ``[B, *in_shape]``; rows are asked for
     ``chunk_size`` at a time and written in place, so peak memory is ``J`` plus one chunk.
+    ``progress`` shows a ``tqdm`` bar over the rows (on stderr).
 
     Example:
         >>> W = torch.randn(4, 3)
@@ -152,9 +155,11 @@ def jacobian_by_rows(vjp: Callable[[Tensor], Tensor], d_out: int, in_shape: tupl
     """
     _check_chunk(chunk_size)
     jac = torch.empty(*in_shape[:-1], d_out, in_shape[-1], dtype=dtype, device=device)
-    for start in range(0, d_out, chunk_size):
-        stop = min(start + chunk_size, d_out)
-        jac[..., start:stop, :] = vjp(basis(d_out, start, stop, dtype=dtype, device=device)).movedim(0, -2)
+    with tqdm(total=d_out, desc=desc, unit="row", disable=not progress, leave=False) as bar:
+        for start in range(0, d_out, chunk_size):
+            stop = min(start + chunk_size, d_out)
+            jac[..., start:stop, :] = vjp(basis(d_out, start, stop, dtype=dtype, device=device)).movedim(0, -2)
+            bar.update(stop - start)
     return jac
 
 
@@ -232,8 +237,8 @@ class FrozenOperator:
         b = U.shape[1]
         return self.vjp(U.T.reshape(b, *self.out_shape)).reshape(b, -1).T
 
-    def dense(self, mode: Mode = "reverse") -> Tensor:
-        """The formed ``J`` ``[m, n]``: rows by VJPs (``m`` of them) or columns by JVPs (``n``).
+    def dense(self, mode: Mode = "reverse", progress: bool = False) -> Tensor:
+        """The formed ``J`` ``[m, n]``: rows by VJPs (``m`` of them) or columns by JVPs (``n``); ``progress``: a bar.
 
         Example:
             >>> op.dense("forward").shape == op.shape                              # doctest: +SKIP
@@ -242,12 +247,16 @@ class FrozenOperator:
         m, n = self.shape
         kw = dict(dtype=self.x.dtype, device=self.x.device)
         if mode == "reverse":
+            starts = tqdm(range(0, m, self.chunk_size), desc="Jacobian rows", unit="chunk", disable=not progress,
+                          leave=False)
             rows = [self.vjp(basis(m, s, min(s + self.chunk_size, m), **kw).reshape(-1, *self.out_shape))
-                    for s in range(0, m, self.chunk_size)]
+                    for s in starts]
             return torch.cat(rows).reshape(m, n)
         if mode == "forward":
+            starts = tqdm(range(0, n, self.chunk_size), desc="Jacobian columns", unit="chunk", disable=not progress,
+                          leave=False)
             cols = [self.jvp(basis(n, s, min(s + self.chunk_size, n), **kw).reshape(-1, *self.in_shape))
-                    for s in range(0, n, self.chunk_size)]
+                    for s in starts]
             return torch.cat(cols).reshape(n, m).T.contiguous()
         raise ValueError(f"mode must be 'forward' (JVP columns) or 'reverse' (VJP rows), got {mode!r}.")
 

@@ -35,6 +35,7 @@ from typing import Callable
 from torch import Tensor
 
 from toolkit.backends.base import Backend
+from toolkit.jacobian.budget import check_fits
 from toolkit.jacobian.compute import Target, _as_ids, _check_target, build_result, jacobian_terms
 from toolkit.jacobian.result import DetachedJacobian
 from toolkit.models.architectures import spec_for
@@ -130,7 +131,8 @@ def backend_target_function(model: Backend, input_ids: Tensor, target: Target = 
 
 
 def backend_jacobian(model: Backend, input_ids: Tensor, target: Target = "output", position: int = -1,
-                     detached: bool = True, chunk_size: int = 64, strict: bool = True) -> DetachedJacobian:
+                     detached: bool = True, chunk_size: int = 64, strict: bool = True, progress: bool | None = None,
+                     memory_budget: int | None = None) -> DetachedJacobian:
     """``J_i = dy/dx_i`` computed through the backend's hooking, with the freeze on ``model.hf_model``.
 
     Args:
@@ -142,6 +144,8 @@ def backend_jacobian(model: Backend, input_ids: Tensor, target: Target = "output
         chunk_size: output rows per batched backward pass.
         strict: refuse (``True``) or record a warning (``False``) when the freeze cannot see
             through the model or the result misses the dtype's tolerance (:mod:`toolkit.jacobian.guards`).
+        progress / memory_budget: as in :func:`toolkit.jacobian.compute.jacobian_terms` (a bar over the
+            row chunks; a prompt whose Jacobian would not fit is refused before any work).
 
     Returns:
         a :class:`DetachedJacobian` whose ``settings["backend"]`` names the path taken.
@@ -160,8 +164,10 @@ def backend_jacobian(model: Backend, input_ids: Tensor, target: Target = "output
         raise ValueError("the model is in training mode (dropout active); call hf_model.eval() first.")
     ids = _as_ids(input_ids).to(model.device)
     model.check_tokens(ids)
+    check_fits(hf_model, ids.numel(), chunk_size=chunk_size, memory_budget=memory_budget)  # before any model run
     x = model.hidden_states(ids[None], layers=[0])[0, 0].detach()  # h_0 through the backend: [T, d]
     f = backend_target_function(model, ids, target, position)
-    terms = jacobian_terms(hf_model, f, x, detached=detached, chunk_size=chunk_size, strict=strict)
+    terms = jacobian_terms(hf_model, f, x, detached=detached, chunk_size=chunk_size, strict=strict,
+                           progress=progress, memory_budget=memory_budget)
     return build_result(hf_model, ids, x, *terms, target=target, position=position, detached=detached,
                         chunk_size=chunk_size, model_id=model.info.model_id, checks=terms.checks, backend=model.name)
