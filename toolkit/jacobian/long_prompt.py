@@ -83,9 +83,9 @@ def matrix_free_summary(model, input_ids: Tensor, *, target: Any = "output", k: 
 
     ids = torch.as_tensor(input_ids).reshape(-1)
     top = jacobian_svd(model.hf_model, ids, target=target, k=k, chunk_size=chunk_size)
-    W_U = model.W_U if top.settings["target"] == "output" else residual_readout(model.final_norm, model.W_U)
-    U = top.U.T  # [k, d_out]
-    decoded = decode_output_directions(U, W_U, lambda i: model.to_str_tokens([i])[0], k=top_k)
+    with torch.no_grad():
+        W_U = model.W_U if top.settings["target"] == "output" else residual_readout(model.final_norm, model.W_U)
+        decoded = decode_output_directions(top.U.T, W_U.detach(), lambda i: model.to_str_tokens([i])[0], k=top_k)
     share = top.V.double().pow(2).sum(1)  # [T, k]: how much of each right vector sits at each position
     str_tokens = model.to_str_tokens(ids)
     vectors = []
