@@ -218,8 +218,8 @@ def longest_prompt(hf_model: nn.Module, budget_bytes: int, *, chunk_size: int = 
         >>> from toolkit.models.tiny import tiny_hf_model
         >>> model = tiny_hf_model("llama")
         >>> T = longest_prompt(model, 10 * 2**20)
-        >>> estimate_jacobian(model, T, available_bytes=10 * 2**20).fits, estimate_jacobian(model, T + 1, available_bytes=10 * 2**20).fits
-        (True, False)
+        >>> [estimate_jacobian(model, n, available_bytes=10 * 2**20).fits for n in (T, T + 1)]
+        [True, False]
     """
     lo, hi = 0, 1
     while estimate_jacobian(hf_model, hi, chunk_size=chunk_size, n_targets=n_targets).peak_bytes <= budget_bytes:

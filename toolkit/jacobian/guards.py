@@ -238,7 +238,8 @@ def inspect_model(hf_model: nn.Module) -> list[Finding]:
     for attr, kind, registrar in _GLOBAL_HOOKS:
         for hook in (getattr(torch_module, attr, None) or {}).values():
             if not (_marked(hook, _OWN) or _marked(hook, _AFFINE)):
-                found.append(Finding("<every module>", f"{kind} {_describe(hook)} (torch.nn.modules.module.{registrar})",
+                found.append(Finding("<every module>",
+                                     f"{kind} {_describe(hook)} (torch.nn.modules.module.{registrar})",
                                      "remove it (handle.remove()) while computing Jacobians; if it is affine, "
                                      "register it wrapped in toolkit.jacobian.guards.affine_hook(fn)"))
     for path, module in hf_model.named_modules():

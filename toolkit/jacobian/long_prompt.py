@@ -74,7 +74,8 @@ def matrix_free_summary(model, input_ids: Tensor, *, target: Any = "output", k: 
         >>> import torch
         >>> from toolkit.backends import make_backend
         >>> from toolkit.models.tiny import tiny_hf_model
-        >>> s = matrix_free_summary(make_backend(tiny_hf_model("llama"), backend="nnsight"), torch.tensor([1, 2, 3]), k=2)
+        >>> model = make_backend(tiny_hf_model("llama"), backend="nnsight")
+        >>> s = matrix_free_summary(model, torch.tensor([1, 2, 3]), k=2)
         >>> len(s["singular_values"]), len(s["vectors"][0]["top_positions"])
         (2, 3)
     """

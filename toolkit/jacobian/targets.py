@@ -234,7 +234,8 @@ def run_reading(hf_model: nn.Module, modules: list[nn.Module], *, inputs_embeds:
         handles.append(replace_input_of.register_forward_pre_hook(put, with_kwargs=True))
     pos_attr = POSITION_EMBEDDINGS.get(spec.family)
     if inputs_embeds is not None and pos_attr is not None:  # x already holds the learned positions
-        handles.append(getattr(base, pos_attr).register_forward_hook(toolkit_hook(lambda _m, _a, out: torch.zeros_like(out))))
+        zero = toolkit_hook(lambda _m, _a, out: torch.zeros_like(out))
+        handles.append(getattr(base, pos_attr).register_forward_hook(zero))
     try:
         if inputs_embeds is not None:
             base(inputs_embeds=inputs_embeds, use_cache=False)
