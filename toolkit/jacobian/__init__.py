@@ -17,7 +17,11 @@
 * :mod:`~toolkit.jacobian.operator` — the frozen Jacobian as a matrix-free operator (batched JVPs / VJPs);
 * :mod:`~toolkit.jacobian.matrix_free` — top-k SVD without forming ``J`` (``jacobian_svd``);
 * :mod:`~toolkit.jacobian.all_layers` — every layer's Jacobian from one forward sweep or per-layer VJPs;
-* :mod:`~toolkit.jacobian.layerwise` — per-layer spectra, stable / energy rank, overlap with the last layer.
+* :mod:`~toolkit.jacobian.layerwise` — per-layer spectra, stable / energy rank, overlap with the last layer;
+* :mod:`~toolkit.jacobian.guards` — what the freeze cannot see (overrides, hooks) is refused; live-output and
+  reconstruction checks against dtype bounds;
+* :mod:`~toolkit.jacobian.budget` — time and memory of a dense Jacobian, estimated and refused before any work;
+* :mod:`~toolkit.jacobian.long_prompt` — dense or matrix-free route for a prompt (the CLI's choice).
 
 Example:
     >>> import torch
@@ -51,3 +55,10 @@ from toolkit.jacobian.targets import resolve_target, target_input  # noqa: E402
 
 __all__ += ["all_layer_jacobians", "LayerJacobians", "layerwise_spectra", "LayerwiseSpectra", "jacobian_svd",
             "randomized_svd", "TopSVD", "frozen_operator", "FrozenOperator", "resolve_target", "target_input"]
+
+from toolkit.jacobian.budget import JacobianEstimate, JacobianTooLargeError, check_fits, estimate_jacobian  # noqa: E402
+from toolkit.jacobian.guards import (FreezeCheckError, FreezeWarning, LiveModelError, affine_hook,  # noqa: E402
+                                     inspect_model)
+
+__all__ += ["estimate_jacobian", "check_fits", "JacobianEstimate", "JacobianTooLargeError", "inspect_model",
+            "affine_hook", "LiveModelError", "FreezeCheckError", "FreezeWarning"]
