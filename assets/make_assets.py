@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                 "jacobian": {"prompt": args.prompt, "tokens": analysis.str_tokens,
                              "reconstruction_error_detached": det.reconstruction_error,
                              "reconstruction_error_ordinary": ordinary.reconstruction_error,
-                             "last_token_left_top": analysis.top_tokens(-1, "left")},
+                             "last_token_left_top": [e["tokens"][0] for e in analysis.left[-1]]},
                 "timings_s": {"decomposition": round(t_dec, 1), "jacobian": round(t_jac, 1),
                               "total": round(time.perf_counter() - t0, 1)}}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")

@@ -13,7 +13,6 @@ from toolkit.jacobian.all_layers import all_layer_jacobians
 from toolkit.jacobian.budget import GIB, JacobianTooLargeError, check_fits, estimate_jacobian, longest_prompt
 from toolkit.jacobian.compute import detached_jacobian
 from toolkit.jacobian.long_prompt import choose_route
-from toolkit.jacobian.through_backend import backend_jacobian
 from toolkit.models.tiny import tiny_hf_model
 
 IDS = torch.tensor([3, 14, 15, 92, 65, 35, 89, 79])
@@ -67,7 +66,7 @@ def test_too_large_is_refused_before_any_work_naming_estimate_and_alternative(sm
     assert calls == []  # not one module ran
     nn_model = make_backend(model, smollm2_tokenizer, backend="nnsight")
     with pytest.raises(JacobianTooLargeError, match="matrix-free"):
-        backend_jacobian(nn_model, IDS, memory_budget=budget)
+        detached_jacobian(nn_model, IDS, memory_budget=budget)
     assert detached_jacobian(model, IDS, memory_budget=budget + 1).reconstruction_error < 1e-5  # fits: runs
 
 

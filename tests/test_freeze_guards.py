@@ -14,7 +14,6 @@ from toolkit.jacobian.compute import detached_jacobian
 from toolkit.jacobian.guards import (FreezeCheckError, FreezeWarning, LiveModelError, affine_hook, inspect_model,
                                      tolerance)
 from toolkit.jacobian.matrix_free import jacobian_svd
-from toolkit.jacobian.through_backend import backend_jacobian
 from toolkit.models.tiny import tiny_hf_model
 
 IDS = torch.tensor([3, 14, 15, 92, 65])
@@ -125,16 +124,16 @@ def test_backend_wrappers_are_seen_through_and_user_hooks_are_not(smollm2_tokeni
     tl_model = make_backend(hf, smollm2_tokenizer, backend="tl")
     assert inspect_model(hf) == []  # nnsight Controllers, bridge wiring: known
     for model in (nn_model, tl_model):
-        r = backend_jacobian(model, IDS)
+        r = detached_jacobian(model, IDS)
         assert r.reconstruction_error < 1e-5 and r.settings["checks"]["live_error"] < 1e-4
     tl_model.bridge.add_hook("blocks.1.hook_mlp_out", lambda act, hook: torch.tanh(act))
     try:
         hook_point = r"mlp\.hook_out: forward hook <lambda> \(TransformerLens hook point 'blocks\.1\.mlp\.hook_out'\)"
         with pytest.raises(LiveModelError, match=hook_point):
-            backend_jacobian(tl_model, IDS)
+            detached_jacobian(tl_model, IDS)
     finally:
         tl_model.bridge.reset_hooks()
-    assert backend_jacobian(tl_model, IDS).reconstruction_error < 1e-5
+    assert detached_jacobian(tl_model, IDS).reconstruction_error < 1e-5
 
 
 def test_override_installed_before_nnsight_wraps_the_module_is_refused(smollm2_tokenizer):
@@ -147,7 +146,7 @@ def test_override_installed_before_nnsight_wraps_the_module_is_refused(smollm2_t
     hf.model.layers[0].mlp.forward = doubled_mlp
     model = make_backend(hf, smollm2_tokenizer, backend="nnsight")  # the Controller now runs doubled_mlp
     with pytest.raises(LiveModelError, match=r"model\.layers\.0\.mlp: instance-level forward override"):
-        backend_jacobian(model, IDS)
+        detached_jacobian(model, IDS)
 
 
 def test_smollm2_hook_and_override_are_caught(smollm2_hf, smollm2_tokenizer):

@@ -12,7 +12,7 @@ from toolkit.jacobian.analysis import (align_signs, analyze_jacobian, analyze_wi
                                        svd_per_position)
 from toolkit.jacobian.cli_command import add_jacobian_parser, format_summary, parse_target
 from toolkit.jacobian.result import DetachedJacobian
-from toolkit.jacobian.through_backend import backend_jacobian
+from toolkit import detached_jacobian as backend_jacobian  # the loaded model: its own hooking path
 from toolkit.plots.jacobian import decoded_tokens_table, reconstruction_scatter, singular_spectra
 
 PROMPT = "The bridge out of Marin is the"

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from toolkit.backends import make_backend
-from toolkit.jacobian.compute import detached_jacobian
 from toolkit.jacobian.freeze import detached
-from toolkit.jacobian.through_backend import backend_jacobian
+from toolkit import detached_jacobian
+from toolkit import detached_jacobian as backend_jacobian  # the loaded model: its own hooking path
 from toolkit.models.tiny import tiny_hf_model
 
 IDS = torch.tensor([3, 17, 42, 7, 99, 5])
@@ -93,3 +93,16 @@ def test_tiny_nnsight_equals_direct_on_other_architectures(arch, smollm2_tokeniz
     via_nn = backend_jacobian(make_backend(hf, smollm2_tokenizer, backend="nnsight"), IDS, target="output")
     assert via_nn.reconstruction_error < 1e-5, via_nn
     assert rel(via_nn.jacobian, ref.jacobian) < 1e-5
+
+
+def test_deprecated_backend_jacobian_alias_warns_and_agrees(smollm2_tokenizer):
+    from toolkit.jacobian.through_backend import backend_jacobian as old_name
+    model = make_backend(tiny_hf_model("llama", vocab_size=smollm2_tokenizer.vocab_size), smollm2_tokenizer,
+                         backend="nnsight")
+    with pytest.warns(DeprecationWarning, match="toolkit.detached_jacobian"):
+        old = old_name(model, IDS, target=1)
+    new = detached_jacobian(model, IDS, target="resid.1")
+    assert old.settings["backend"] == new.settings["backend"] == "nnsight"
+    assert torch.equal(old.jacobian, new.jacobian)
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="takes every target"):
+        old_name(model, IDS, target="mlp.0")

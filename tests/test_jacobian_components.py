@@ -115,7 +115,13 @@ def test_target_spellings_and_errors():
     model = tiny("llama")
     assert resolve_target(model, ("attn", 2)).name == "attn.2"
     assert resolve_target(model, "layer.0").input_name == "h_0"
-    assert resolve_target(model, 3).name == 3 and resolve_target(model, "output").name == "output"
+    assert resolve_target(model, 3).name == "resid.3" and resolve_target(model, "output").name == "output"
+    # one vocabulary: names that read as what they are, TransformerLens hook names as aliases
+    assert [resolve_target(model, t).name for t in ("resid.3", "block.1", "layer.1", "blocks.2.hook_resid_post",
+                                                    "blocks.0.hook_resid_pre", "blocks.1.hook_attn_out",
+                                                    "blocks.1.hook_mlp_out", "ln_final.hook_normalized")] == \
+        ["resid.3", "block.1", "block.1", "resid.3", "resid.0", "attn.1", "mlp.1", "output"]
+    assert resolve_target(model, "block.1").input_name == "h_1"
     for bad, match in [("attn.3", "block 3 is out of range"), ("ffn.1", "not understood"), (("mlp", "1"), "not understood"),
                        (4, "out of range"), ("attn", "not understood"), (True, "not understood")]:
         with pytest.raises(ValueError, match=match) as err:

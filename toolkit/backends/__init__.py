@@ -41,7 +41,21 @@ def resolve_backend_name(backend: str | None, hf_model) -> str:
 
 def make_backend(model, tokenizer=None, backend: str | None = None, model_id: str | None = None) -> Backend:
     """Wrap a model the user already has: a HF causal LM, an ``nnsight.NNsight`` /
-    ``nnsight`` language model, or a TransformerLens ``TransformerBridge``."""
+    ``nnsight`` language model, or a TransformerLens ``TransformerBridge``.
+
+    **In place**: both libraries instrument the HF modules they wrap. ``backend="tl"`` boots a
+    ``TransformerBridge`` that replaces the HF model's submodules by bridge components holding
+    the originals (numerics unchanged); nnsight gives each module an instance-level ``forward``.
+    The caller's model object is that same model afterwards (``backend.hf_model is model``) and
+    ``backend.wraps_in_place`` says so; pass a ``copy.deepcopy(model)`` to keep an untouched one.
+
+    Example:
+        >>> from toolkit.models.tiny import tiny_hf_model
+        >>> hf = tiny_hf_model("llama")
+        >>> model = make_backend(hf)
+        >>> model.name, model.hf_model is hf, model.wraps_in_place
+        ('nnsight', True, True)
+    """
     from toolkit.backends.nnsight_backend import NNsightBackend
     from toolkit.backends.transformer_lens_backend import TransformerLensBackend
 
@@ -66,8 +80,60 @@ def make_backend(model, tokenizer=None, backend: str | None = None, model_id: st
     info = model_info(hf_model, model_id)
     name = resolve_backend_name(backend, hf_model)
     if name == "nnsight":
-        return NNsightBackend(hf_model, tokenizer, info, traced=traced)
-    return TransformerLensBackend(hf_model, tokenizer, info, bridge=bridge)
+        wrapped: Backend = NNsightBackend(hf_model, tokenizer, info, traced=traced)
+    else:
+        wrapped = TransformerLensBackend(hf_model, tokenizer, info, bridge=bridge)
+    wrapped.wraps_in_place = True
+    return wrapped
 
 
-__all__ = ["Backend", "ModelInfo", "BACKENDS", "make_backend", "model_info", "resolve_backend_name"]
+def as_backend(model, tokenizer=None) -> Backend:
+    """Any model a user holds as a :class:`Backend`: a backend is returned as is, anything else goes
+    through :func:`make_backend` (the default backend for its architecture).
+
+    Example:
+        >>> from toolkit.models.tiny import tiny_hf_model
+        >>> model = as_backend(tiny_hf_model("mamba"))
+        >>> as_backend(model) is model
+        True
+    """
+    return model if isinstance(model, Backend) else make_backend(model, tokenizer)
+
+
+def library_wrapper(model) -> Backend | None:
+    """The :class:`Backend` for a model already seen through a library (a backend, an nnsight wrapper
+    or a TransformerBridge), or ``None`` for a bare HF model (which the analyses drive directly,
+    without instrumenting it).
+
+    Example:
+        >>> from toolkit.models.tiny import tiny_hf_model
+        >>> library_wrapper(tiny_hf_model("llama")) is None
+        True
+    """
+    if isinstance(model, Backend):
+        return model
+    if (hasattr(model, "original_model") and hasattr(model, "run_with_hooks")) or \
+            (hasattr(model, "_module") and hasattr(model, "trace")):
+        return make_backend(model)
+    return None
+
+
+def hf_model_of(model):
+    """The HuggingFace module under any model a user holds (backend, nnsight wrapper, bridge, or HF).
+
+    Example:
+        >>> from toolkit.models.tiny import tiny_hf_model
+        >>> hf = tiny_hf_model("llama")
+        >>> hf_model_of(make_backend(hf)) is hf, hf_model_of(hf) is hf
+        (True, True)
+    """
+    wrapper = library_wrapper(model)
+    hf = model if wrapper is None else wrapper.hf_model
+    if not hasattr(hf, "config"):
+        raise TypeError(f"expected a model (toolkit backend, HuggingFace causal LM, nnsight wrapper or "
+                        f"TransformerBridge), got {type(model).__name__}.")
+    return hf
+
+
+__all__ = ["Backend", "ModelInfo", "BACKENDS", "make_backend", "as_backend", "library_wrapper", "hf_model_of",
+           "model_info", "resolve_backend_name"]

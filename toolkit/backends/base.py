@@ -19,20 +19,29 @@ So the layer transition of block ``l`` is ``h_l -> h_{l+1}``, and logits are
 ``unembed(h_{n_layers})`` = ``lm_head(final_norm(h_{n_layers}))``.
 
 Example:
-    >>> import toolkit
-    >>> model = toolkit.load_model("smollm2-135m")          # doctest: +SKIP
-    >>> ids = model.to_tokens(["The capital of France is"])   # doctest: +SKIP
+    >>> import torch, toolkit
+    >>> from toolkit.models.tiny import tiny_hf_model
+    >>> model = toolkit.make_backend(tiny_hf_model("llama"))   # or toolkit.load_model("smollm2-135m")
+    >>> ids = torch.tensor([[5, 6, 7, 8]])                    # or a string, with a tokenizer
     >>> hs = model.hidden_states(ids)                         # [n_layers+1, batch, seq, d_model]
-    >>> logits = model.run_with_patch(ids, layer=5, positions=torch.tensor([[3]]), values=hs[5, :, [3]])
+    >>> hs.shape
+    torch.Size([3, 1, 4, 64])
+    >>> logits = model.run_with_patch(ids, layer=1, positions=torch.tensor([[3]]), values=hs[1, :, [3]])
+    >>> torch.allclose(logits, model.logits(ids), atol=1e-5)  # patching h_1 with itself changes nothing
+    True
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from toolkit.prompts import Prompt
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,7 @@ class Backend(ABC):
     """
 
     name: str = "abstract"
+    wraps_in_place: bool = False  # the library instrumented the caller's HF model itself (see make_backend)
 
     def __init__(self, hf_model: nn.Module, tokenizer, info: ModelInfo):
         self.hf_model = hf_model
@@ -98,12 +108,11 @@ class Backend(ABC):
                              f"{self.n_layers} (last block output).")
         return layer
 
-    def check_tokens(self, input_ids: Tensor) -> Tensor:
-        """Validate a [batch, seq] id tensor and move it to the model's device."""
-        if input_ids.ndim == 1:
-            input_ids = input_ids[None]
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}.")
+    def check_tokens(self, input_ids: "Prompt") -> Tensor:
+        """A prompt (text, list of texts or ids; see :func:`toolkit.prompts.ensure_tokens`) as a checked
+        ``[batch, seq]`` id tensor on the model's device."""
+        from toolkit.prompts import ensure_tokens
+        input_ids = ensure_tokens(self, input_ids)
         if input_ids.shape[1] > self.n_ctx:
             raise ValueError(f"sequence of {input_ids.shape[1]} tokens is longer than the context of "
                              f"{self.info.model_id} ({self.n_ctx}); use a shorter seq_len or truncate the prompt.")
@@ -117,6 +126,9 @@ class Backend(ABC):
         would add it by default (Gemma); SmolLM2 and GPT-2 add none.
         """
         texts = [texts] if isinstance(texts, str) else list(texts)
+        if self.tokenizer is None:
+            raise ValueError(f"{self.info.model_id} was wrapped without a tokenizer; pass tokenizer= to "
+                             f"toolkit.make_backend, or give token ids.")
         enc = self.tokenizer(texts, add_special_tokens=prepend_bos, return_tensors="pt", padding=len(texts) > 1)
         return self.check_tokens(enc["input_ids"])
 
@@ -127,7 +139,8 @@ class Backend(ABC):
 
     # ----- the interface ------------------------------------------------------------------
     @abstractmethod
-    def hidden_states(self, input_ids: Tensor, layers: Sequence[int] | None = None, kv_cache=None) -> Tensor:
+    def hidden_states(self, input_ids: "Prompt", layers: Sequence[int] | None = None,
+                      kv_cache=None) -> Float[Tensor, "n_boundaries batch seq d_model"]:
         """Residual stream at the chosen boundaries (default all): ``[len(layers), batch, seq, d_model]``.
 
         ``kv_cache`` (a transformers ``DynamicCache``) is filled with the keys and values of the
@@ -135,7 +148,8 @@ class Backend(ABC):
         the highest boundary asked for may not run.
         """
 
-    def run_with_patch(self, input_ids: Tensor, layer: int, positions: Tensor, values: Tensor) -> Tensor:
+    def run_with_patch(self, input_ids: "Prompt", layer: int, positions: Int[Tensor, "batch n"],
+                       values: Float[Tensor, "batch n d_model"]) -> Float[Tensor, "batch seq vocab"]:
         """Logits ``[batch, seq, vocab]`` after replacing ``h_layer`` at ``positions`` with ``values``.
 
         ``positions`` is ``[batch, n]`` (or ``[batch]`` for one position a row) and ``values``
@@ -150,14 +164,27 @@ class Backend(ABC):
                                                        values.reshape(-1, self.d_model))])
 
     @abstractmethod
-    def run_with_patches(self, input_ids: Tensor, patches: Sequence["Patch"], **forward_kwargs) -> Tensor:
+    def run_with_patches(self, input_ids: "Prompt", patches: Sequence["Patch"],
+                         **forward_kwargs) -> Float[Tensor, "batch seq vocab"]:
         """Logits after applying several patches, possibly at different boundaries, in one pass.
 
         Each :class:`Patch` replaces ``h_layer[rows[i], positions[i]]`` with ``values[i]``.
         ``forward_kwargs`` go to the HF forward (e.g. ``past_key_values`` for cached steps).
         """
 
-    def logits(self, input_ids: Tensor) -> Tensor:
+    def target_function(self, input_ids: Int[Tensor, "seq"], kind: str, layer: int | None,
+                        position: int = -1) -> Callable[[Tensor], Tensor] | None:
+        """This library's own ``f: h_0 [T, d] -> y [d]`` for a Jacobian target, or ``None`` if it has none.
+
+        ``kind`` is ``"output"`` (the final-norm state) or ``"resid"`` (boundary ``layer``); ``f``
+        runs the model through the library's own hooking (an nnsight trace, TransformerLens
+        hooks) with ``x`` written into block 0's input, so a detached Jacobian can be taken
+        through it. The analyses fall back to driving the HF model directly where this is
+        ``None`` (the default, and every other target kind).
+        """
+        return None
+
+    def logits(self, input_ids: "Prompt") -> Float[Tensor, "batch seq vocab"]:
         """Plain forward pass: ``[batch, seq, vocab]``."""
         with torch.no_grad():
             return self.hf_model(self.check_tokens(input_ids)).logits
@@ -185,7 +212,7 @@ class Backend(ABC):
         from toolkit.models.architectures import spec_for
         return spec_for(self.hf_model).blocks(self.hf_model)
 
-    def unembed(self, h_last: Tensor) -> Tensor:
+    def unembed(self, h_last: Float[Tensor, "... d_model"]) -> Float[Tensor, "... vocab"]:
         """Logits from the last boundary: ``lm_head(final_norm(h_last))``."""
         return self.unembed_normed(self.final_norm(h_last))
 

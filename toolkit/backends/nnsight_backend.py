@@ -12,7 +12,7 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from nnsight import NNsight
@@ -69,3 +69,38 @@ class NNsightBackend(Backend):
                     target[patch.rows, patch.positions] = patch.values
             out = self.traced.output.save()
         return out.logits if hasattr(out, "logits") else out[0]
+
+    def target_function(self, input_ids: Tensor, kind: str, layer: int | None,
+                        position: int = -1) -> Callable[[Tensor], Tensor] | None:
+        """``f(x) -> y`` run inside an nnsight trace: ``x`` replaces block 0's input, ``y`` is saved.
+
+        Example:
+            >>> from toolkit.backends import make_backend
+            >>> from toolkit.models.tiny import tiny_hf_model
+            >>> model = make_backend(tiny_hf_model("llama"), backend="nnsight")
+            >>> f = model.target_function(torch.tensor([1, 2, 3]), "output", None)
+            >>> f(torch.randn(3, 64)).shape
+            torch.Size([64])
+        """
+        if kind not in ("output", "resid"):
+            return None
+        ids = self.check_tokens(input_ids)
+        blocks = self._traced_blocks()
+        base = getattr(self.traced, spec_for(self.hf_model).base_attr)
+
+        def f(x: Tensor) -> Tensor:
+            if kind == "resid" and layer == 0:
+                return x[position]
+            # use_cache=False: a Mamba cache would carry state outside the frozen map.
+            with self.traced.trace(ids, use_cache=False):
+                blocks[0].input = x[None]
+                # Base model output = final norm applied; a block's output (transformers 5: a tensor).
+                h = base.output[0] if kind == "output" else blocks[layer - 1].output
+                y = _first(h)[0, position].save()
+            return y
+        return f
+
+
+def _first(out):
+    """The hidden-state tensor of a module output (tensor, tuple or ``ModelOutput``)."""
+    return out if isinstance(out, Tensor) else out[0]

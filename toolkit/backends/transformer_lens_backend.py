@@ -12,7 +12,7 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -68,3 +68,27 @@ class TransformerLensBackend(Backend):
             hooks.append((self.hook_name(patch.layer), replace))
         with torch.no_grad():
             return self.bridge.run_with_hooks(input_ids, fwd_hooks=hooks, **forward_kwargs)
+
+    def target_function(self, input_ids: Tensor, kind: str, layer: int | None,
+                        position: int = -1) -> Callable[[Tensor], Tensor] | None:
+        """``f(x) -> y`` through ``bridge.run_with_hooks``: ``blocks.0.hook_resid_pre`` returns ``x``,
+        and ``ln_final.hook_out`` (``"output"``) or the boundary's hook is read."""
+        if kind not in ("output", "resid"):
+            return None
+        ids = self.check_tokens(input_ids)
+        read_hook = "ln_final.hook_out" if kind == "output" else self.hook_name(layer) if layer else None
+
+        def f(x: Tensor) -> Tensor:
+            if read_hook is None:  # boundary 0: y is x itself
+                return x[position]
+            captured: list[Tensor] = []
+
+            def put_x(resid: Tensor, hook) -> Tensor:
+                return x[None].to(resid.dtype)
+
+            def grab(resid: Tensor, hook) -> None:
+                captured.append(resid)
+
+            self.bridge.run_with_hooks(ids, fwd_hooks=[("blocks.0.hook_resid_pre", put_x), (read_hook, grab)])
+            return captured[-1][0, position]
+        return f

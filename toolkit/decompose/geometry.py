@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from toolkit.metrics import relative_error
+
 from toolkit.decompose.function_classes import LocalFit
 
 __all__ = ["GeometryMetrics", "tokenwise_geometry", "cosine", "angle_degrees", "energy_fraction",
@@ -43,16 +45,6 @@ __all__ = ["GeometryMetrics", "tokenwise_geometry", "cosine", "angle_degrees", "
 
 def _nan_where_zero(value: Tensor, denom: Tensor) -> Tensor:
     return torch.where(denom > 0, value / torch.where(denom > 0, denom, 1), torch.full_like(value, float("nan")))
-
-
-def relative_error(y: Tensor, prediction: Tensor) -> Tensor:
-    """``||y - T(x)|| / ||y||`` per row.
-
-    Example:
-        >>> relative_error(torch.tensor([[3.0, 4.0]]), torch.tensor([[3.0, 3.0]]))
-        tensor([0.2000])
-    """
-    return _nan_where_zero((y - prediction).norm(dim=-1), y.norm(dim=-1))
 
 
 def cosine(a: Tensor, b: Tensor) -> Tensor:
@@ -160,7 +152,7 @@ def tokenwise_geometry(x: Tensor, y: Tensor, fit: LocalFit | Tensor, left_singul
             for k in top_k:
                 energy[f"frac_{name}_top{k}"] = energy_fraction(v, left_singular, k)
     d = x.shape[1]
-    return GeometryMetrics(rel_err=relative_error(y, pred), cos_u_t=cos_ut, abs_cos_u_t=cos_ut.abs(),
+    return GeometryMetrics(rel_err=relative_error(pred, y, dim=-1), cos_u_t=cos_ut, abs_cos_u_t=cos_ut.abs(),
                            angle_u_t=angle_degrees(cos_ut), cos_r_t=cos_rt, abs_cos_r_t=cos_rt.abs(),
                            angle_r_t=angle_degrees(cos_rt), energy=energy,
                            baseline={k: random_baseline(k, d) for k in top_k})

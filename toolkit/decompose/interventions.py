@@ -21,7 +21,7 @@ pass over the vocabulary, without forming their logits (:func:`toolkit.decompose
 benchmarks compare against.
 
 Example:
-    >>> values = {11: predicted_h11}          # [n_texts * per_text, d_model], rows as in CollectedStates
+    >>> values = {11: predicted_h11}   # [n_texts * per_text, d_model], rows as in CollectedStates  # doctest: +SKIP
     >>> kl = patched_kl(model, tokens, positions, values)   # {11: [n_texts * per_text]}  # doctest: +SKIP
 """
 from __future__ import annotations

@@ -16,12 +16,13 @@ Example:
 from __future__ import annotations
 
 import time
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from toolkit.backends import as_backend
 from toolkit.backends.base import Backend
 from toolkit.collection.from_corpus import collect_from_corpus
 from toolkit.collection.pairs import CollectedStates, kv_cache_bytes
@@ -105,7 +106,7 @@ def _fit_layer_mlps(train: CollectedStates, layers: Sequence[int], steps: int, s
     return out
 
 
-def decompose(model: Backend, corpus: str | Corpus = "embedded", *, layers: Sequence[int] | None = None,
+def decompose(model: Any, corpus: str | Corpus = "embedded", *, layers: Sequence[int] | None = None,
               function_class: str = "lowrank", form: Literal["plain", "update"] = "update", k: int = 64,
               rank: int | None = 64, n_train: int = 2000, n_test: int = 500, seq_len: int = 192, per_text: int = 8,
               seed: int = 0, compare_mlp: bool = True, mlp_steps: int = 300, random_control: bool = True,
@@ -114,7 +115,13 @@ def decompose(model: Backend, corpus: str | Corpus = "embedded", *, layers: Sequ
               n_boot: int = 1000, progress: bool = True, use_cache: bool = True) -> DecompositionResult:
     """Run the tokenwise decomposition of layer updates (defaults: the paper's setup, appendix A.2).
 
+    Exported as ``toolkit.decompose_layers``.
+
     Args:
+        model: the loaded model (any backend), or a HF model / nnsight wrapper / TransformerBridge
+            with its tokenizer (:func:`toolkit.backends.as_backend`).
+        corpus: a corpus name (``"embedded"``, ``"wikitext-test"``, ...), a text file path or a
+            :class:`~toolkit.data.Corpus`.
         layers: blocks ``l`` (transition ``h_l -> h_{l+1}``); default all.
         function_class, form, k, rank: the local map (see :mod:`toolkit.decompose.function_classes`).
         compare_mlp: also fit a global MLP per layer (Table 2's comparison); ``mlp_steps`` Adam steps.
@@ -124,6 +131,7 @@ def decompose(model: Backend, corpus: str | Corpus = "embedded", *, layers: Sequ
     """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    model = as_backend(model)
     layers = list(range(model.n_layers)) if layers is None else list(layers)
     for l in layers:
         if not isinstance(l, int) or not 0 <= l < model.n_layers:

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from toolkit.decompose.statistics import mean_rho_with_ci, regimes, spearman_with_ci
+from toolkit.decompose.views import DecompositionViews
 
 KIND = "toolkit.decompose.DecompositionResult"
 VERSION = 1
@@ -43,7 +44,12 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 @dataclass
-class DecompositionResult:
+class DecompositionResult(DecompositionViews):
+    """Per-anchor measurements of a decomposition run, their summaries, and its settings.
+
+    Views (figures, tables, the report) come from :class:`~toolkit.decompose.views.DecompositionViews`.
+    """
+
     settings: dict
     anchors: dict[str, np.ndarray]
     layer_summary: list[dict] = field(default_factory=list)

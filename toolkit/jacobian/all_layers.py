@@ -24,18 +24,19 @@ Example:
     >>> from toolkit.models.tiny import tiny_hf_model
     >>> layers = all_layer_jacobians(tiny_hf_model("llama"), torch.tensor([1, 2, 3]), components=("resid", "mlp"))
     >>> layers.names
-    [1, 2, 'mlp.0', 'mlp.1', 'output']
+    ['resid.1', 'resid.2', 'mlp.0', 'mlp.1', 'output']
     >>> max(r.reconstruction_error for r in layers.results.values()) < 1e-5
     True
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal
+from typing import TYPE_CHECKING, Any, Iterable, Literal
 
 import torch
 from torch import Tensor, nn
 
+from toolkit.backends import hf_model_of
 from toolkit.jacobian.budget import check_fits
 from toolkit.jacobian.compute import build_result
 from toolkit.jacobian.guards import Checks
@@ -43,9 +44,14 @@ from toolkit.jacobian.freeze import detached as frozen
 from toolkit.jacobian.freeze import eager_attention
 from toolkit.jacobian.operator import basis, batched_jvp, batched_replay, batched_vjp, jacobian_by_rows
 from toolkit.jacobian.result import DetachedJacobian
-from toolkit.jacobian.targets import (SUBLAYER_OUTPUTS, TargetSpec, _as_ids, input_embeddings, resolve_target,
+from toolkit.jacobian.targets import (SUBLAYER_OUTPUTS, TargetSpec, input_embeddings, resolve_target,
                                       states_function)
+from toolkit.metrics import require_eval_mode
 from toolkit.models.architectures import spec_for
+from toolkit.prompts import Prompt, single_sequence
+
+if TYPE_CHECKING:
+    from toolkit.jacobian.layerwise import LayerwiseSpectra
 
 AllMode = Literal["auto", "forward", "reverse"]
 COMPONENTS = ("resid", "attn", "mlp")
@@ -60,7 +66,7 @@ class LayerJacobians:
 
     Fields:
         results: target name -> :class:`DetachedJacobian` (names as in
-            :mod:`toolkit.jacobian.targets`: int boundaries, ``"attn.l"``, ``"mlp.l"``, ``"output"``).
+            :mod:`toolkit.jacobian.targets`: ``"resid.l"``, ``"attn.l"``, ``"mlp.l"``, ``"output"``).
         mode: ``"forward"`` or ``"reverse"``, the route taken.
         settings: position, components, the cost counts behind ``mode``.
     """
@@ -74,19 +80,39 @@ class LayerJacobians:
         return list(self.results)
 
     def __getitem__(self, name) -> DetachedJacobian:
-        return self.results[name]
+        """By target name; an int ``l`` means ``"resid.l"`` as everywhere else."""
+        key = f"resid.{name}" if isinstance(name, int) and not isinstance(name, bool) else name
+        if key not in self.results:
+            raise KeyError(f"no target {name!r} here; targets: {self.names}.")
+        return self.results[key]
+
+    def spectra(self, **kwargs) -> "LayerwiseSpectra":
+        """:func:`toolkit.jacobian.layerwise.layerwise_spectra` of these Jacobians (stable rank, overlaps).
+
+        Example:
+            >>> import torch
+            >>> from toolkit.models.tiny import tiny_hf_model
+            >>> all_layer_jacobians(tiny_hf_model("llama"), [1, 2, 3]).spectra(k=2).names
+            ['resid.1', 'resid.2', 'output']
+        """
+        from toolkit.jacobian.layerwise import layerwise_spectra
+        return layerwise_spectra(self, **kwargs)
+
+    def figure(self, **kwargs):
+        """The layerwise figure of :meth:`spectra` (Figure 6)."""
+        return self.spectra(**kwargs).figure()
 
     def __repr__(self) -> str:
         return f"LayerJacobians(mode={self.mode!r}, n_targets={len(self.results)}, names={self.names[:4]}...)"
 
 
 def layer_targets(hf_model: nn.Module, components: Iterable[str] = ("resid",), output: bool = True) -> list:
-    """Target names for the layerwise sweep: boundaries ``1..L`` (``"resid"``), ``"attn.l"``, ``"mlp.l"``, ``"output"``.
+    """Target names for the layerwise sweep: boundaries ``"resid.1".."resid.L"``, ``"attn.l"``, ``"mlp.l"``, ``"output"``.
 
     Example:
         >>> from toolkit.models.tiny import tiny_hf_model
         >>> layer_targets(tiny_hf_model("gpt2"), ("resid", "attn"))
-        [1, 2, 'attn.0', 'attn.1', 'output']
+        ['resid.1', 'resid.2', 'attn.0', 'attn.1', 'output']
     """
     spec = spec_for(hf_model)
     n_layers = len(spec.blocks(hf_model))
@@ -99,7 +125,7 @@ def layer_targets(hf_model: nn.Module, components: Iterable[str] = ("resid",), o
         raise ValueError(f"{spec.family} blocks have no {missing} sublayer(s); use components=('resid',).")
     names: list = []
     if "resid" in components:
-        names += list(range(1, n_layers + 1))
+        names += [f"resid.{l}" for l in range(1, n_layers + 1)]
     for kind in ("attn", "mlp"):
         if kind in components:
             names += [f"{kind}.{l}" for l in range(n_layers)]
@@ -110,7 +136,7 @@ def _depth(t: TargetSpec, n_layers: int) -> float:
     """Blocks a pass must run to reach the target (attention: half a block)."""
     if t.kind == "output":
         return float(n_layers)
-    if t.kind == "boundary":
+    if t.kind == "resid":
         return float(t.layer)
     return t.layer + (0.5 if t.kind == "attn" else 1.0)
 
@@ -129,17 +155,17 @@ def choose_mode(n_positions: int, depths: list[float],
     return ("forward" if forward < reverse else "reverse"), {"forward_cost": forward, "reverse_cost": reverse}
 
 
-def all_layer_jacobians(hf_model: nn.Module, input_ids: Tensor, *, position: int = -1,
+def all_layer_jacobians(model: Any, prompt: Prompt, *, position: int = -1,
                         components: Iterable[str] = ("resid",), output: bool = True, mode: AllMode = "auto",
                         detached: bool = True, chunk_size: int = 64, model_id: str | None = None,
                         strict: bool = True, memory_budget: int | None = None) -> LayerJacobians:
     """Jacobians ``dy_t/dh_0`` of every layer target ``t`` at ``position``, by one forward sweep or per-layer VJPs.
 
     Args:
-        hf_model: a supported HF causal LM in eval mode.
-        input_ids: one sequence, ``[T]`` or ``[1, T]``.
+        model: the loaded model (any backend) or a plain HF causal LM, in eval mode.
+        prompt: one sequence, as text or token ids ``[T]`` / ``[1, T]``.
         position: which position's states.
-        components: any of ``"resid"`` (boundaries ``1..L``), ``"attn"``, ``"mlp"`` (block outputs).
+        components: any of ``"resid"`` (boundaries ``resid.1 .. resid.L``), ``"attn"``, ``"mlp"`` (block outputs).
         output: also the final-norm output (the usual reference layer).
         mode: ``"forward"`` (``T*d`` JVPs reach all targets), ``"reverse"`` (``d`` VJPs per
             target) or ``"auto"`` (the cheaper by :func:`choose_mode`).
@@ -157,14 +183,14 @@ def all_layer_jacobians(hf_model: nn.Module, input_ids: Tensor, *, position: int
         >>> model = tiny_hf_model("gpt2")
         >>> fwd = all_layer_jacobians(model, torch.tensor([1, 2]), mode="forward")
         >>> rev = all_layer_jacobians(model, torch.tensor([1, 2]), mode="reverse")
-        >>> torch.allclose(fwd[2].jacobian, rev[2].jacobian, atol=1e-5)
+        >>> torch.allclose(fwd["resid.2"].jacobian, rev["resid.2"].jacobian, atol=1e-5)
         True
     """
-    if hf_model.training:
-        raise ValueError("the model is in training mode (dropout active); call hf_model.eval() first.")
+    hf_model = hf_model_of(model)
+    require_eval_mode(hf_model)
     if mode not in ("auto", "forward", "reverse"):
         raise ValueError(f"mode must be 'auto', 'forward' or 'reverse', got {mode!r}.")
-    ids = _as_ids(input_ids)
+    ids = single_sequence(model, prompt)
     components = tuple(components)
     names = layer_targets(hf_model, components, output)
     if not names:

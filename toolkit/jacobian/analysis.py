@@ -161,15 +161,49 @@ class JacobianSVD:
                                     for row in self.singular_values],
                 "left": self.left, "right": self.right, "rows": self.rows, "cols": self.cols}
 
-    def top_tokens(self, position: int = -1, side: str = "left") -> list[str]:
-        """The top token of each decoded singular vector at ``position`` (``side``: left/right).
+    def top_tokens(self, position: int = -1, k: int = 5, *, vector: int = 0, side: str = "left") -> list[str]:
+        """The ``k`` top tokens of one decoded singular vector at ``position``.
+
+        ``vector`` 0 is the top singular vector (``u_1``); ``side``: ``"left"`` (output space,
+        decoded through the unembedding), ``"right"`` (input space, by embedding cosine), or
+        ``"rows"`` / ``"cols"`` (the largest-norm rows / columns of ``J_i``).
 
         Example:
-            >>> analysis.top_tokens(-1)                                  # doctest: +SKIP
-            [' Golden', ...]
+            >>> import torch
+            >>> from toolkit.jacobian.result import DetachedJacobian
+            >>> r = DetachedJacobian(torch.randn(2, 4, 4), torch.randn(4), torch.randn(2, 4), torch.zeros(4),
+            ...                      torch.tensor([1, 2]))
+            >>> a = analyze_jacobian(r, W_U=torch.randn(4, 10), W_E=torch.randn(10, 4), decode=str, top_k=3)
+            >>> len(a.top_tokens(position=-1, k=2))
+            2
         """
-        entries = {"left": self.left, "right": self.right, "rows": self.rows, "cols": self.cols}[side][position]
-        return [e["tokens"][0] for e in entries]
+        table = {"left": self.left, "right": self.right, "rows": self.rows, "cols": self.cols}
+        if side not in table:
+            raise ValueError(f"side must be one of {sorted(table)}, got {side!r}.")
+        T = len(table[side])
+        if not -T <= position < T:
+            raise IndexError(f"position {position} is outside the prompt's {T} tokens (use -{T}..{T - 1}).")
+        entries = table[side][position]
+        if not -len(entries) <= vector < len(entries):
+            raise IndexError(f"vector {vector} was not decoded: {len(entries)} kept (n_vectors); re-run the "
+                             f"analysis with a larger n_vectors.")
+        tokens = entries[vector]["tokens"]
+        if k > len(tokens):
+            raise ValueError(f"k={k} but only {len(tokens)} tokens were decoded per vector (top_k); re-run the "
+                             f"analysis with top_k >= {k}.")
+        return list(tokens[:k])
+
+    def figure(self, kind: str = "tokens", **kwargs):
+        """``"tokens"``: the decoded-tokens table; ``"spectra"``: the singular values of each ``J_i``.
+
+        Example:
+            >>> a.figure("spectra")                                     # doctest: +SKIP
+        """
+        from toolkit.plots import jacobian as plots
+        figures = {"tokens": plots.decoded_tokens_table, "spectra": plots.singular_spectra}
+        if kind not in figures:
+            raise ValueError(f"kind must be one of {sorted(figures)}, got {kind!r}.")
+        return figures[kind](self, **kwargs)
 
     def __repr__(self) -> str:
         T = len(self.str_tokens)
@@ -256,7 +290,7 @@ def analyze_with_model(result: DetachedJacobian, model, **kwargs) -> JacobianSVD
     those of every other target through :func:`residual_readout` (the final norm's frozen gain).
 
     Example:
-        >>> a = analyze_with_model(detached_jacobian(model.hf_model, ids), model, top_k=5)   # doctest: +SKIP
+        >>> a = analyze_with_model(detached_jacobian(model, ids), model, top_k=5)   # doctest: +SKIP
     """
     target = result.settings.get("target", "output")
     W_U = model.W_U if target == "output" else residual_readout(model.final_norm, model.W_U)

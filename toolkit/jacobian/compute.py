@@ -31,42 +31,27 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
+from toolkit.metrics import require_eval_mode
+from toolkit.backends import hf_model_of, library_wrapper
 from toolkit.jacobian.freeze import detached as frozen
 from toolkit.jacobian.budget import JacobianEstimate, check_fits
 from toolkit.jacobian.guards import Checks
 from toolkit.jacobian.operator import Mode, batched_vjp, frozen_operator, jacobian_by_rows
 from toolkit.jacobian.result import DetachedJacobian
-from toolkit.jacobian.targets import (Target, _as_ids, input_embeddings, resolve_target, state_function,
-                                      target_input)
+from toolkit.jacobian.targets import (Target, TargetSpec, _as_ids, input_embeddings, resolve_target,
+                                      state_function, target_input)
 from toolkit.models.architectures import spec_for
+from toolkit.prompts import Prompt, single_sequence
 
 PROGRESS_AFTER_S = 5.0  # show a progress bar by default when the estimate exceeds this
 
-__all__ = ["Target", "input_embeddings", "target_function", "jacobian_rows", "linear_map", "detached_jacobian",
-           "jacobian_terms", "JacobianTerms", "build_result", "ordinary_jacobian"]
-
-
-def _check_target(hf_model: nn.Module, target: Target) -> Target:
-    """``"output"`` or an int boundary (what the backend paths support); anything else is refused.
-
-    Validation is :func:`~toolkit.jacobian.targets.resolve_target`'s; this only narrows the kinds.
-    """
-    try:
-        spec = resolve_target(hf_model, target)
-    except ValueError:
-        spec = None
-    if spec is not None and spec.kind in ("output", "boundary"):
-        return spec.name
-    n_layers = len(spec_for(hf_model).blocks(hf_model))
-    raise ValueError(f"target {target!r} is not 'output' or a layer boundary 0..{n_layers} "
-                     f"(0 = embeddings, {n_layers} = last block output before the final norm). Component "
-                     f"targets ('attn.l', 'mlp.l', 'layer.l') are computed on the HF model with "
-                     f"toolkit.jacobian.detached_jacobian.")
+__all__ = ["Target", "input_embeddings", "target_function", "model_target_function", "jacobian_rows", "linear_map",
+           "detached_jacobian", "jacobian_terms", "JacobianTerms", "build_result", "ordinary_jacobian"]
 
 
 def target_function(hf_model: nn.Module, target: Target = "output", position: int = -1, *,
@@ -138,18 +123,52 @@ def linear_map(hf_model: nn.Module, x_star: Tensor, target: Target = "output", p
             yield f
 
 
-def detached_jacobian(hf_model: nn.Module, input_ids: Tensor, *, target: Target = "output", position: int = -1,
+def model_target_function(model: Any, ids: Tensor, spec: TargetSpec, position: int = -1,
+                          ) -> tuple[Callable[[Tensor], Tensor], Tensor, dict]:
+    """``(f, x, settings)`` for a target: the path is chosen here, never by the caller.
+
+    A model seen through a library (a toolkit backend, an nnsight wrapper, a TransformerBridge)
+    runs ``f`` through that library's own hooking where it has a path for the target
+    (:meth:`~toolkit.backends.base.Backend.target_function`: ``"output"`` and ``"resid.l"``), with
+    ``x = h_0`` read through it too; every other target, and a bare HF model, is driven directly
+    (:func:`~toolkit.jacobian.targets.state_function`). ``settings`` names the path taken.
+
+    Example:
+        >>> import torch
+        >>> from toolkit.backends import make_backend
+        >>> from toolkit.models.tiny import tiny_hf_model
+        >>> model = make_backend(tiny_hf_model("llama"), backend="nnsight")
+        >>> spec = resolve_target(model.hf_model, "output")
+        >>> f, x, settings = model_target_function(model, torch.tensor([1, 2, 3]), spec)
+        >>> settings, f(x).shape
+        ({'backend': 'nnsight'}, torch.Size([64]))
+    """
+    backend = library_wrapper(model)
+    hf_model = hf_model_of(model)
+    if backend is not None:
+        f = backend.target_function(ids, spec.kind, spec.layer, position)
+        if f is not None:
+            x = backend.hidden_states(ids[None], layers=[0])[0, 0].detach()  # h_0 through the library: [T, d]
+            return f, x, {"backend": backend.name}
+    return state_function(hf_model, spec, input_ids=ids, position=position), target_input(hf_model, ids, spec), {}
+
+
+def detached_jacobian(model: Any, prompt: Prompt, *, target: Target = "output", position: int = -1,
                       detached: bool = True, chunk_size: int = 64, mode: Mode = "reverse",
                       model_id: str | None = None, strict: bool = True, progress: bool | None = None,
                       memory_budget: int | None = None) -> DetachedJacobian:
     """The detached Jacobian ``J_i = dy/dx_i`` for every input position, with ``y``, ``x`` and ``c``.
 
     Args:
-        hf_model: a supported HF causal LM in eval mode.
-        input_ids: one sequence, ``[T]`` or ``[1, T]``.
-        target: ``"output"`` (final-norm state, the paper's output embedding), a boundary ``l``,
-            ``"attn.l"`` / ``"mlp.l"`` (block ``l``'s sublayer outputs), or ``"layer.l"`` (block
-            ``l``'s own transform: ``x = h_l``); see :mod:`toolkit.jacobian.targets`.
+        model: the loaded model (:func:`toolkit.load_model`, any backend), a plain HF causal LM,
+            an nnsight wrapper or a TransformerBridge, in eval mode. The computation path is
+            chosen by target (:func:`model_target_function`); the results agree to float rounding.
+        prompt: one sequence: text (needs a tokenizer: a loaded model has one), token ids
+            ``[T]`` / ``[1, T]`` or a list of ints (:func:`toolkit.prompts.ensure_tokens`).
+        target: ``"output"`` (final-norm state, the paper's output embedding), ``"resid.l"``
+            (boundary ``l``; or the int ``l``), ``"attn.l"`` / ``"mlp.l"`` (block ``l``'s sublayer
+            outputs), or ``"block.l"`` (block ``l``'s own transform: ``x = h_l``); TransformerLens
+            hook names work too (:mod:`toolkit.jacobian.targets`).
         position: which position's ``y`` (default the last).
         detached: ``False`` gives the ordinary Jacobian of the same map (for contrast); its
             ``c`` is the unfrozen model at zero input, so its reconstruction is not exact.
@@ -164,28 +183,34 @@ def detached_jacobian(hf_model: nn.Module, input_ids: Tensor, *, target: Target 
             prompt whose Jacobian would not fit is refused before any work
             (:func:`toolkit.jacobian.budget.check_fits`), naming the matrix-free route.
 
+    Returns:
+        a :class:`~toolkit.jacobian.result.DetachedJacobian`: ``jacobian`` ``[T, d_out, d_in]``,
+        ``x``, ``y``, ``c`` and ``reconstruction_error``.
+
     Example:
         >>> import torch
         >>> from toolkit.models.tiny import tiny_hf_model
-        >>> r = detached_jacobian(tiny_hf_model("gpt2"), torch.tensor([4, 8, 15]), target=1)
+        >>> r = detached_jacobian(tiny_hf_model("gpt2"), [4, 8, 15], target="resid.1")
         >>> r.reconstruction_error < 1e-5, r.jacobian.shape   # GPT-2 is affine: c carries the biases
         (True, torch.Size([3, 64, 64]))
-        >>> r = detached_jacobian(tiny_hf_model("llama"), torch.tensor([4, 8, 15]), target="layer.1")
+        >>> r = detached_jacobian(tiny_hf_model("llama"), torch.tensor([4, 8, 15]), target="block.1")
         >>> r.settings["input"], r.reconstruction_error < 1e-5   # x = h_1, y = h_2 at the last position
         ('h_1', True)
     """
-    if hf_model.training:
-        raise ValueError("the model is in training mode (dropout active); call hf_model.eval() first.")
-    ids = _as_ids(input_ids)
+    hf_model = hf_model_of(model)
+    require_eval_mode(hf_model)
+    ids = single_sequence(model, prompt)
     spec = resolve_target(hf_model, target)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
     check_fits(hf_model, ids.numel(), chunk_size=chunk_size, memory_budget=memory_budget)  # before any model run
-    x = target_input(hf_model, ids, spec)
-    f = state_function(hf_model, spec, input_ids=ids, position=position)
+    f, x, path = model_target_function(model, ids, spec, position)
     terms = jacobian_terms(hf_model, f, x, detached=detached, chunk_size=chunk_size, mode=mode, strict=strict,
                            progress=progress, memory_budget=memory_budget)
+    model_id = model_id or getattr(getattr(library_wrapper(model), "info", None), "model_id", None)
     return build_result(hf_model, ids, x, *terms, target=spec.name, position=position, detached=detached,
                         chunk_size=chunk_size, model_id=model_id, checks=terms.checks, input=spec.input_name,
-                        mode=mode)
+                        mode=mode, **path)
 
 
 @dataclass
@@ -209,11 +234,11 @@ def jacobian_terms(hf_model: nn.Module, f: Callable[[Tensor], Tensor], x: Tensor
 
     This is the one place where the freeze, the chunked rows (or columns) and the constant
     term meet, through :func:`toolkit.jacobian.operator.frozen_operator`; the direct path
-    (:func:`detached_jacobian`) and the backend paths (:mod:`toolkit.jacobian.through_backend`)
-    only differ in ``f``. Detached: the factors are recorded at ``x`` and ``c = F(0)`` replays
-    them; ordinary: ``c`` is the plain model at zero. ``J`` is ``[T, d_out, d_in]``. The
-    operator's checks (live output, affinity; see :func:`~toolkit.jacobian.operator.frozen_operator`)
-    come back in ``.checks`` for :func:`build_result`, which adds the dense reconstruction check.
+    and the backend paths (:func:`model_target_function`) only differ in ``f``. Detached: the factors are
+    recorded at ``x`` and ``c = F(0)`` replays them; ordinary: ``c`` is the plain model at zero. ``J`` is
+    ``[T, d_out, d_in]``. The operator's checks (live output, affinity; see
+    :func:`~toolkit.jacobian.operator.frozen_operator`) come back in ``.checks`` for :func:`build_result`,
+    which adds the dense reconstruction check.
 
     Before any model run, the time and memory are estimated (:func:`toolkit.jacobian.budget.check_fits`):
     a Jacobian that would not fit in ``memory_budget`` bytes (default: the memory available now)

@@ -47,6 +47,7 @@ import torch.nn.modules.module as torch_module
 from torch import Tensor, nn
 
 from toolkit.jacobian.freeze_rules import FreezeError
+from toolkit.metrics import relative_error
 
 _AFFINE = "_toolkit_affine_hook"
 _OWN = "_toolkit_own_hook"
@@ -262,17 +263,6 @@ def refusal(findings: list[Finding], model_name: str) -> str:
     return f"cannot freeze {model_name} as it runs now: {shown}{more}"
 
 
-def relative(a: Tensor, b: Tensor) -> float:
-    """``||a - b|| / ||b||`` in float64 (0 when both are zero).
-
-    Example:
-        >>> relative(torch.ones(2), torch.ones(2))
-        0.0
-    """
-    b64 = b.detach().double()
-    return float((a.detach().double() - b64).norm() / b64.norm().clamp_min(1e-300))
-
-
 @dataclass
 class Checks:
     """The verdicts of one Jacobian's checks; ``strict`` decides whether a failure raises or warns.
@@ -333,7 +323,7 @@ class Checks:
 
     def compare_live(self, frozen: Tensor, live: Tensor) -> None:
         """Check the frozen forward's output against the live model's."""
-        self.check("live", relative(frozen, live))
+        self.check("live", relative_error(frozen.detach(), live.detach()))
 
     def copy(self) -> "Checks":
         """An independent copy (one per result when several share the earlier checks)."""

@@ -45,7 +45,7 @@ class LayerwiseSpectra:
     """Per-target spectra and their summaries; see the module docstring.
 
     Fields:
-        names: target names (int boundaries, ``"attn.l"``, ``"mlp.l"``, ``"output"``).
+        names: target names (``"resid.l"``, ``"attn.l"``, ``"mlp.l"``, ``"output"``).
         kinds: ``"resid"``, ``"attn"``, ``"mlp"`` or ``"output"`` per target.
         layers: depth per target (boundary ``l``; block ``l`` for attn/mlp; ``L`` for output).
         singular_values: ``[n_targets, r]`` descending (float64).
@@ -91,16 +91,38 @@ class LayerwiseSpectra:
                 "overlap_right": self.overlap_right.tolist(),
                 "top_singular_values": self.singular_values[:, :k].tolist()}
 
+    def to_frame(self):
+        """One row per target: name, kind, layer, stable and energy rank, overlaps, top singular value.
+
+        Example:
+            >>> spectra.to_frame().head()                                  # doctest: +SKIP
+        """
+        import pandas as pd
+        return pd.DataFrame({"name": [str(n) for n in self.names], "kind": list(self.kinds),
+                             "layer": list(self.layers), "stable_rank": self.stable_rank.tolist(),
+                             "energy_rank": self.energy_rank.tolist(), "overlap_left": self.overlap_left.tolist(),
+                             "overlap_right": self.overlap_right.tolist(),
+                             "sigma_1": self.singular_values[:, 0].tolist()})
+
+    def figure(self, max_rank: int | None = 64):
+        """Figure 6: stable rank and overlap with the reference layer per depth, and the spectra.
+
+        Example:
+            >>> spectra.figure()                                           # doctest: +SKIP
+        """
+        from toolkit.plots.jacobian import layerwise_figure
+        return layerwise_figure(self, max_rank=max_rank)
+
     def __repr__(self) -> str:
         return (f"LayerwiseSpectra(n_targets={len(self.names)}, kinds={sorted(set(self.kinds))}, "
                 f"block={self.settings.get('block')!r}, k={self.settings.get('k')})")
 
 
 def kind_and_layer(name, n_layers: int) -> tuple[str, int]:
-    """``("resid", l)``, ``("attn", l)``, ``("mlp", l)`` or ``("output", L)`` for a target name.
+    """``("resid", l)``, ``("attn", l)``, ``("mlp", l)``, ``("block", l)`` or ``("output", L)`` for a target name.
 
     Example:
-        >>> kind_and_layer("mlp.4", 30), kind_and_layer(7, 30), kind_and_layer("output", 30)
+        >>> kind_and_layer("mlp.4", 30), kind_and_layer("resid.7", 30), kind_and_layer("output", 30)
         (('mlp', 4), ('resid', 7), ('output', 30))
     """
     if name == "output":
@@ -108,8 +130,9 @@ def kind_and_layer(name, n_layers: int) -> tuple[str, int]:
     if isinstance(name, int):
         return "resid", name
     kind, _, layer = str(name).partition(".")
-    if kind not in ("attn", "mlp", "layer") or not layer.isdigit():
-        raise ValueError(f"target name {name!r} is not 'output', a boundary, 'attn.l', 'mlp.l' or 'layer.l'.")
+    kind = {"layer": "block"}.get(kind, kind)
+    if kind not in ("resid", "attn", "mlp", "block") or not layer.isdigit():
+        raise ValueError(f"target name {name!r} is not 'output', 'resid.l', 'attn.l', 'mlp.l' or 'block.l'.")
     return kind, int(layer)
 
 
@@ -182,9 +205,9 @@ def layerwise_spectra(jacobians: Any, *, block: Block = "all", k: int = 8, energ
     names = list(results)
     n_layers = int(next(iter(results.values())).settings.get("n_layers", 0))
     if reference not in results:
-        boundaries = [n for n in names if isinstance(n, int)]
+        boundaries = [n for n in names if kind_and_layer(n, n_layers)[0] == "resid"]
         if reference == "output" and boundaries:
-            reference = max(boundaries)
+            reference = max(boundaries, key=lambda n: kind_and_layer(n, n_layers)[1])
         else:
             raise ValueError(f"reference {reference!r} is not among the targets {names[:6]}...")
     svds = {}

@@ -42,8 +42,11 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from toolkit.backends import hf_model_of
 from toolkit.jacobian.operator import FrozenOperator, frozen_operator
-from toolkit.jacobian.targets import Target, _as_ids, resolve_target, state_function, target_input
+from toolkit.jacobian.targets import Target, resolve_target, state_function, target_input
+from toolkit.metrics import require_eval_mode
+from toolkit.prompts import Prompt, single_sequence
 
 MatVec = Callable[[Tensor], Tensor]
 
@@ -69,6 +72,29 @@ class TopSVD:
     n_blocks: int
     converged: bool
     settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_frame(self):
+        """One row per singular triplet: index and value (the vectors stay in ``U`` / ``V``).
+
+        Example:
+            >>> top.to_frame()                                             # doctest: +SKIP
+        """
+        import pandas as pd
+        return pd.DataFrame({"index": range(len(self.singular_values)),
+                             "singular_value": self.singular_values.tolist()})
+
+    def figure(self):
+        """The top-``k`` singular values.
+
+        Example:
+            >>> top.figure()                                               # doctest: +SKIP
+        """
+        import plotly.graph_objects as go
+        from toolkit.plots.style import finish
+        fig = go.Figure(go.Bar(x=list(range(1, len(self.singular_values) + 1)), y=self.singular_values.tolist()))
+        target = self.settings.get("target", "")
+        return finish(fig, f"Top-{len(self.singular_values)} singular values, matrix-free ({target})",
+                      "index", "singular value")
 
     def __repr__(self) -> str:
         s = ", ".join(f"{float(v):.4g}" for v in self.singular_values[:4])
@@ -199,17 +225,19 @@ def operator_svd(op: FrozenOperator, k: int = 8, **kwargs) -> TopSVD:
                   settings={"k": k, "block_size": info["block_size"], **kwargs})
 
 
-def jacobian_svd(hf_model: nn.Module, input_ids: Tensor, *, target: Target = "output", position: int | None = -1,
+def jacobian_svd(model: Any, prompt: Prompt, *, target: Target = "output", position: int | None = -1,
                  k: int = 8, detached: bool = True, chunk_size: int = 64, oversample: int = 0,
                  max_blocks: int = 16, tol: float = 1e-5, seed: int = 0, strict: bool = True) -> TopSVD:
     """Top-``k`` SVD of the whole-prompt Jacobian of ``target``, matrix-free.
 
     With ``position`` an int the map is ``[J_1 ... J_T]`` (``d_out x T*d``) of ``y`` at that
     position; with ``position=None`` it is the map of ``y`` at *every* position (``T*d x T*d``):
-    for ``target="layer.l"`` that is block ``l``'s full transform ``h_l -> h_{l+1}``,
+    for ``target="block.l"`` that is block ``l``'s full transform ``h_l -> h_{l+1}``,
     cross-token attention blocks included. Targets as in :mod:`toolkit.jacobian.targets`.
 
     Args:
+        model: the loaded model (any backend) or a plain HF causal LM; computed on its HF module.
+        prompt: one sequence, as text or token ids (:func:`toolkit.prompts.ensure_tokens`).
         k: number of singular triplets.
         oversample: extra vectors per Krylov block (block size ``k + oversample``); the Krylov
             basis keeps every block, so small blocks cost the fewest products.
@@ -224,11 +252,13 @@ def jacobian_svd(hf_model: nn.Module, input_ids: Tensor, *, target: Target = "ou
     Example:
         >>> import torch
         >>> from toolkit.models.tiny import tiny_hf_model
-        >>> top = jacobian_svd(tiny_hf_model("gpt2"), torch.tensor([1, 2, 3]), target="layer.1", position=None, k=2)
+        >>> top = jacobian_svd(tiny_hf_model("gpt2"), [1, 2, 3], target="block.1", position=None, k=2)
         >>> top.V.shape, top.U.shape                 # T x d input and output spaces
         (torch.Size([3, 64, 2]), torch.Size([3, 64, 2]))
     """
-    ids = _as_ids(input_ids)
+    hf_model = hf_model_of(model)
+    require_eval_mode(hf_model)
+    ids = single_sequence(model, prompt)
     spec = resolve_target(hf_model, target)
     x = target_input(hf_model, ids, spec)
     f = state_function(hf_model, spec, input_ids=ids, position=position)

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from toolkit.metrics import require_eval_mode
 from toolkit.jacobian.freeze import detached as frozen
 from toolkit.jacobian.freeze import eager_attention
 from toolkit.jacobian.guards import Checks, affine_probe
@@ -295,14 +296,14 @@ def frozen_operator(hf_model: nn.Module, f: Callable[[Tensor], Tensor], x: Tenso
         >>> from toolkit.models.tiny import tiny_hf_model
         >>> from toolkit.jacobian.targets import input_embeddings, state_function
         >>> model = tiny_hf_model("gpt2")
+        >>> _ = model.transformer.h[0].mlp.c_fc.bias.data.fill_(0.1)   # random init leaves biases at 0
         >>> x = input_embeddings(model, torch.tensor([4, 5]))
         >>> with frozen_operator(model, state_function(model, 1), x) as op:
         ...     J, c = op.dense(), op.constant()
         >>> float((J @ x.reshape(-1) + c - op.y).norm() / op.y.norm()) < 1e-5, op.jvp_route   # biases: c != 0
         (True, 'ad')
     """
-    if hf_model.training:
-        raise ValueError("the model is in training mode (dropout active); call hf_model.eval() first.")
+    require_eval_mode(hf_model)
     if jvp not in ("auto", "ad", "replay"):
         raise ValueError(f"jvp must be 'auto', 'ad' or 'replay', got {jvp!r}.")
     _check_chunk(chunk_size)

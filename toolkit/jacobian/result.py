@@ -11,10 +11,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
+
+from toolkit.metrics import relative_error
+
+if TYPE_CHECKING:
+    from toolkit.jacobian.analysis import JacobianSVD
 
 KIND = "toolkit.jacobian.DetachedJacobian"
 VERSION = 1
@@ -30,7 +36,7 @@ class DetachedJacobian:
            boundary, a block's attention or MLP output, or ``h_{l+1}``; see
            :mod:`toolkit.jacobian.targets`).
         x: ``[T, d_in]`` the input: the embeddings ``h_0`` (first block's input), or ``h_l`` for a
-           layer's own transform (target ``"layer.l"``; ``settings["input"]`` says which).
+           block's own transform (target ``"block.l"``; ``settings["input"]`` says which).
         c: ``[d_out]`` the constant term: the map at zero input (detached: with the factors of ``x``
            held fixed), so that the reconstruction is exact for affine frozen models (GPT-2, Pythia)
            and ``c ~ 0`` for bias-free ones (Llama-style).
@@ -39,11 +45,11 @@ class DetachedJacobian:
         reconstruction_error: ``||sum_i J_i x_i + c - y|| / ||y||`` (computed if not given).
     """
 
-    jacobian: Tensor
-    y: Tensor
-    x: Tensor
-    c: Tensor
-    token_ids: Tensor
+    jacobian: Float[Tensor, "T d_out d_in"]
+    y: Float[Tensor, "d_out"]
+    x: Float[Tensor, "T d_in"]
+    c: Float[Tensor, "d_out"]
+    token_ids: Int[Tensor, "T"]
     settings: dict[str, Any] = field(default_factory=dict)
     reconstruction_error: float | None = None
 
@@ -111,19 +117,32 @@ class DetachedJacobian:
         return cls(jacobian=data["jacobian"], y=data["y"], x=data["x"], c=data["c"], token_ids=data["token_ids"],
                    settings=data["settings"], reconstruction_error=data["reconstruction_error"])
 
+    def svd(self, model: Any, *, top_k: int = 5, n_vectors: int = 3, n_rows: int = 3) -> "JacobianSVD":
+        """SVD of each ``J_i`` decoded to tokens with ``model``'s vocabulary (:mod:`toolkit.jacobian.analysis`).
+
+        ``model`` is the loaded model the Jacobian came from (any backend; a bare HF model needs
+        :func:`toolkit.make_backend` with its tokenizer for the token strings).
+
+        Example:
+            >>> jac = toolkit.detached_jacobian(model, "The bridge out of Marin is the")   # doctest: +SKIP
+            >>> jac.svd(model).top_tokens(position=-1, k=5)                               # doctest: +SKIP
+            [' Golden', ...]
+        """
+        from toolkit.backends import as_backend
+        from toolkit.jacobian.analysis import analyze_with_model
+        return analyze_with_model(self, as_backend(model), top_k=top_k, n_vectors=n_vectors, n_rows=n_rows)
+
+    def figure(self, ordinary: "DetachedJacobian | None" = None, max_points: int = 5000):
+        """``y`` against ``sum_i J_i x_i + c`` (exact on the diagonal), with an ordinary Jacobian for contrast.
+
+        Example:
+            >>> fig = jac.figure()                                                        # doctest: +SKIP
+        """
+        from toolkit.plots.jacobian import reconstruction_scatter
+        return reconstruction_scatter(self, ordinary, max_points=max_points)
+
     def __repr__(self) -> str:
         T, d_out, d_in = self.jacobian.shape
         what = "detached" if self.detached else "ordinary"
         return (f"DetachedJacobian({what}, target={self.settings.get('target')!r}, T={T}, d_out={d_out}, "
                 f"d_in={d_in}, rel_err={self.reconstruction_error:.2e})")
-
-
-def relative_error(estimate: Tensor, reference: Tensor) -> float:
-    """``||estimate - reference|| / ||reference||`` in float64.
-
-    Example:
-        >>> relative_error(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 1.0]))
-        0.0
-    """
-    ref = reference.double()
-    return float((estimate.double() - ref).norm() / ref.norm().clamp_min(1e-300))

@@ -43,16 +43,16 @@ What is computed
 
 Edits go through :meth:`toolkit.backends.base.Backend.run_with_patches` with additive
 patches, so steering runs through nnsight and TransformerLens alike; the concept's map
-``F`` is the backend's own (:func:`toolkit.jacobian.through_backend.backend_target_function`).
+``F`` is the backend's own (:meth:`toolkit.backends.base.Backend.target_function`).
 
 Example:
     >>> import toolkit
     >>> model = toolkit.load_model("smollm2-135m")                                   # doctest: +SKIP
     >>> r = steer(model, "The bridge out of Marin is the Golden", "I'm going to Arizona to see the",
-    ...           layer=25, lam=1.0, max_new_tokens=12)                              # doctest: +SKIP
+    ...           at="resid.25", lam=1.0, max_new_tokens=12)                         # doctest: +SKIP
     >>> print(r.baseline.text, "|", r.steered.text)                                  # doctest: +SKIP
     >>> sweep = steering_sweep(model, "The bridge out of Marin is the Golden", "Here is a painting of the",
-    ...                        layers=[15, 20, 25], lams=[0.5, 1, 2])                 # doctest: +SKIP
+    ...                        at=["resid.15", "resid.20", "resid.25"], lams=[0.5, 1, 2])  # doctest: +SKIP
     >>> sweep.figure().write_html("steering.html")                                   # doctest: +SKIP
 """
 from __future__ import annotations
@@ -67,13 +67,13 @@ import torch
 from torch import Tensor
 
 from toolkit.backends.base import Backend, Patch
-from toolkit.jacobian.compute import input_embeddings
+from toolkit.jacobian.compute import input_embeddings, model_target_function
+from toolkit.jacobian.targets import resolve_target
 from toolkit.jacobian.factors import FactorStore
 from toolkit.jacobian.freeze import detached
 from toolkit.jacobian.guards import Checks
-from toolkit.jacobian.result import relative_error
+from toolkit.metrics import relative_error, require_eval_mode
 from toolkit.jacobian.steering_result import SteeringResult, SteeringRun
-from toolkit.jacobian.through_backend import backend_target_function
 
 Operator = Literal["sum", "last", "window"]
 OPERATORS: tuple[str, ...] = ("sum", "last", "window")
@@ -121,8 +121,9 @@ class ConceptOperator:
                              f"use -{n}..{n - 1} (default -1, the last token).")
         self.model, self.layer, self.operator, self.position = model, layer, operator, position % n
         self.concept_ids = ids
-        self.x_star = model.hidden_states(ids[None], layers=[0])[0, 0].detach()  # h_0 through the backend
-        self._f = backend_target_function(model, ids, target=layer, position=self.position)
+        # f: h_0 -> h_layer at the concept position, through the backend's own hooking; x* = h_0 read through it
+        self._f, self.x_star, _ = model_target_function(model, ids, resolve_target(model.hf_model, layer),
+                                                        self.position)
         self._store = FactorStore()
         with torch.no_grad():  # the live model's own h_l (hooks and overrides included), to check the freeze
             y_live = self._f(self.x_star).detach()
@@ -226,20 +227,59 @@ def greedy_continuation(model: Backend, prompt_ids: Tensor, max_new_tokens: int,
 
 
 # ----- the public API -------------------------------------------------------------------------
-def steer(model, concept_prompt: TextOrIds, prompt: TextOrIds, layer: int, lam: float, max_new_tokens: int = 20,
-          *, operator: Operator = "sum", concept_position: int = -1, concept_tokens: Sequence[int | str] | None = None,
-          use_cache: bool = True) -> SteeringResult:
+def default_steering_boundary(n_layers: int) -> int:
+    """The boundary ``steer`` edits by default: about two thirds of the depth, as in the paper.
+
+    Example:
+        >>> default_steering_boundary(30)
+        20
+    """
+    return max(1, round(2 * n_layers / 3))
+
+
+def _resolve_at(model: Backend, at, layer, name: str = "at") -> list:
+    """Boundaries (ints ``1..L``) from ``at`` (``"resid.l"``, an int, a TL hook name, or a list), or the default."""
+    if layer is not None:
+        if at is not None:
+            raise ValueError(f"give {name}= or layer=, not both (layer= is the older name of {name}=).")
+        at = layer
+    if at is None:
+        return [default_steering_boundary(model.n_layers)]
+    items = list(at) if isinstance(at, (list, tuple, range)) else [at]
+    out = []
+    for item in items:
+        if not isinstance(item, (str, tuple)):  # numbers: _check_layers says what a valid boundary is
+            out.append(item)
+            continue
+        try:
+            spec = resolve_target(model.hf_model, item)
+        except ValueError:
+            spec = None
+        if spec is None or spec.kind != "resid":
+            raise ValueError(f"{name}={item!r} is not a residual-stream boundary: steering adds its edit to h_l; "
+                             f"give 'resid.l' (or the int l) with l in 1..{model.n_layers}, e.g. "
+                             f"'resid.{default_steering_boundary(model.n_layers)}' (the default).")
+        out.append(spec.layer)
+    return out
+
+
+def steer(model, concept_prompt: TextOrIds, prompt: TextOrIds, at: int | str | None = None, lam: float = 1.0,
+          max_new_tokens: int = 20, *, operator: Operator = "sum", concept_position: int = -1,
+          concept_tokens: Sequence[int | str] | None = None, use_cache: bool = True,
+          layer: int | None = None) -> SteeringResult:
     """Continue ``prompt`` greedily with and without the concept's detached-Jacobian edit (eq. 16).
 
     Args:
-        model: a :class:`~toolkit.backends.base.Backend` (or anything
-            :func:`toolkit.backends.make_backend` accepts), in eval mode.
+        model: the loaded model (any backend), or anything :func:`toolkit.backends.as_backend`
+            accepts, in eval mode.
         concept_prompt: text (or token ids) whose detached Jacobian carries the concept, e.g.
             ``"The bridge out of Marin is the Golden"`` (the operator pushes toward what the
             concept prompt predicts, so a prompt whose next token *is* the concept works best).
         prompt: the new text to continue.
-        layer: boundary ``1..n_layers``: the edit is added to ``h_l``, the input of block ``l``
-            (the paper uses about two thirds of the depth).
+        at: the residual-stream boundary the edit is added to: ``"resid.l"`` (or the int ``l``,
+            or ``"blocks.{l-1}.hook_resid_post"``) with ``l`` in ``1..n_layers``, i.e. ``h_l``, the
+            input of block ``l``. Default: :func:`default_steering_boundary` (two thirds of the
+            depth, as in the paper). ``layer=`` is the older name.
         lam: the weight λ (finite; 0 reproduces plain greedy decoding exactly).
         max_new_tokens: tokens to generate (both continuations).
         operator: ``"sum"``, ``"last"`` or ``"window"`` (module docstring).
@@ -257,19 +297,21 @@ def steer(model, concept_prompt: TextOrIds, prompt: TextOrIds, layer: int, lam: 
         >>> from toolkit.backends import make_backend
         >>> from toolkit.models.tiny import tiny_hf_model
         >>> model = make_backend(tiny_hf_model("llama"), backend="nnsight")
-        >>> r = steer(model, torch.tensor([5, 6, 7]), torch.tensor([9, 10]), layer=1, lam=0.0, max_new_tokens=3)
+        >>> r = steer(model, [5, 6, 7], [9, 10], at="resid.1", lam=0.0, max_new_tokens=3)
         >>> r.steered.token_ids == r.baseline.token_ids
         True
     """
-    if isinstance(layer, (list, tuple)) or isinstance(lam, (list, tuple)):
-        raise ValueError("steer takes one layer and one lam; use steering_sweep for lists.")
-    return steering_sweep(model, concept_prompt, prompt, [layer], [lam], max_new_tokens, operator=operator,
-                          concept_position=concept_position, concept_tokens=concept_tokens, use_cache=use_cache)
+    if isinstance(at, (list, tuple)) or isinstance(layer, (list, tuple)) or isinstance(lam, (list, tuple)):
+        raise ValueError("steer takes one boundary and one lam; use steering_sweep for lists.")
+    return steering_sweep(model, concept_prompt, prompt, at, [lam], max_new_tokens, operator=operator,
+                          concept_position=concept_position, concept_tokens=concept_tokens, use_cache=use_cache,
+                          layers=layer)
 
 
-def steering_sweep(model, concept_prompt: TextOrIds, prompt: TextOrIds, layers: Sequence[int], lams: Sequence[float],
-                   max_new_tokens: int = 20, *, operator: Operator = "sum", concept_position: int = -1,
-                   concept_tokens: Sequence[int | str] | None = None, use_cache: bool = True) -> SteeringResult:
+def steering_sweep(model, concept_prompt: TextOrIds, prompt: TextOrIds, at: Sequence[int | str] | None = None,
+                   lams: Sequence[float] = (0.5, 1.0, 2.0), max_new_tokens: int = 20, *, operator: Operator = "sum",
+                   concept_position: int = -1, concept_tokens: Sequence[int | str] | None = None,
+                   use_cache: bool = True, layers: Sequence[int] | None = None) -> SteeringResult:
     """:func:`steer` over every ``(layer, lam)``: one baseline, one concept operator per layer.
 
     Example:
@@ -277,19 +319,18 @@ def steering_sweep(model, concept_prompt: TextOrIds, prompt: TextOrIds, layers: 
         >>> from toolkit.backends import make_backend
         >>> from toolkit.models.tiny import tiny_hf_model
         >>> model = make_backend(tiny_hf_model("llama"), backend="nnsight")
-        >>> r = steering_sweep(model, torch.tensor([5, 6]), torch.tensor([9]), [1, 2], [0.5, 4.0], max_new_tokens=2)
+        >>> r = steering_sweep(model, [5, 6], [9], at=["resid.1", "resid.2"], lams=[0.5, 4.0], max_new_tokens=2)
         >>> [(run.layer, run.lam) for run in r.runs]
         [(1, 0.5), (1, 4.0), (2, 0.5), (2, 4.0)]
     """
-    from toolkit.backends import make_backend
+    from toolkit.backends import as_backend
 
     t_start = time.perf_counter()
-    model = model if isinstance(model, Backend) else make_backend(model)
-    if model.hf_model.training:
-        raise ValueError("the model is in training mode (dropout active); call hf_model.eval() first.")
+    model = as_backend(model)
+    require_eval_mode(model.hf_model)
     if operator not in OPERATORS:
         raise ValueError(f"unknown operator {operator!r}; choose one of {', '.join(OPERATORS)}.")
-    layers = _check_layers(model, layers)
+    layers = _check_layers(model, _resolve_at(model, at, layers))
     lams = _check_lams(lams)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")

@@ -147,6 +147,15 @@ class SteeringResult:
                         "concept hits": r.hits, "edit / |h|": r.edit_ratio, "continuation": r.text})
         return out
 
+    def to_frame(self):
+        """:meth:`rows` as a ``pandas.DataFrame`` (one row per continuation: layer, lam, Δ log p, text).
+
+        Example:
+            >>> result.to_frame()                                             # doctest: +SKIP
+        """
+        import pandas as pd
+        return pd.DataFrame(self.rows())
+
     def figure(self):
         """The λ × layer comparison figure (:func:`toolkit.plots.jacobian.steering_comparison`)."""
         from toolkit.plots.jacobian import steering_comparison

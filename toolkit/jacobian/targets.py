@@ -1,28 +1,34 @@
 """What a Jacobian is *of* and *with respect to*: targets, their inputs, and ``f: x -> y``.
 
-A target names the state ``y`` (at one position, or at all of them) and, with it, the input
-``x`` the Jacobian is taken against:
+Depth vocabulary (the same in every function, the CLI, results and figures)
+---------------------------------------------------------------------------
+A model with ``L`` blocks has **boundaries** ``h_0 .. h_L`` and **blocks** ``0 .. L-1``: ``h_0`` is
+the input of block 0 (the embeddings), ``h_l`` the output of block ``l-1`` (= the input of block
+``l``), ``h_L`` the last block's output before the final norm. Block ``l`` transforms ``h_l``
+into ``h_{l+1}``. A target names the state ``y`` and, with it, the input ``x``:
 
-================  ===============================================================  ==========
-spelling          ``y``                                                            ``x``
-================  ===============================================================  ==========
-``"output"``      the final-norm state (the paper's output embedding)               ``h_0``
-``l`` (int)       the residual stream ``h_l`` at boundary ``l`` (0 = embeddings,    ``h_0``
-                  ``L`` = last block's output, before the final norm)
-``"attn.l"``      block ``l``'s attention output, as added to the residual stream   ``h_0``
-                  (Gemma 3: after its post-attention norm)
-``"mlp.l"``       block ``l``'s MLP output, as added to the residual stream         ``h_0``
-                  (Gemma 3: after its post-feedforward norm)
-``"layer.l"``     ``h_{l+1}``: block ``l``'s own transform ``h_l -> h_{l+1}``,       ``h_l``
-                  cross-token attention included, so ``J_i = dh_{l+1}[pos]/dh_l[i]``
-================  ===============================================================  ==========
+========================  ========================================================  ==========
+spelling                  ``y``                                                     ``x``
+========================  ========================================================  ==========
+``"output"``              the final-norm state (the paper's output embedding)        ``h_0``
+``"resid.l"``             the residual stream ``h_l`` at boundary ``l`` (0..L)         ``h_0``
+``"attn.l"``              block ``l``'s attention output, as added to the residual   ``h_0``
+                          stream (Gemma 3: after its post-attention norm)
+``"mlp.l"``               block ``l``'s MLP output, as added to the residual stream   ``h_0``
+                          (Gemma 3: after its post-feedforward norm)
+``"block.l"``             ``h_{l+1}``: block ``l``'s own transform ``h_l -> h_{l+1}``,  ``h_l``
+                          cross-token attention included: ``J_i = dh_{l+1}[pos]/dh_l[i]``
+========================  ========================================================  ==========
 
-Blocks are numbered ``0..L-1``. Tuples ``("attn", 5)``, ``("mlp", 5)``, ``("layer", 5)`` are
-accepted and normalised to the strings. Mamba blocks have no attention or MLP sublayer: only
-``"output"``, boundaries and ``"layer.l"`` exist there.
+Also accepted, and normalised to the names above: a plain int ``l`` (= ``"resid.l"``), tuples
+``("attn", 5)``, the TransformerLens hook names that carry the same tensor
+(``"blocks.l.hook_resid_pre"`` = ``"resid.l"``, ``"blocks.l.hook_resid_post"`` = ``"resid.{l+1}"``,
+``"blocks.l.hook_attn_out"``, ``"blocks.l.hook_mlp_out"``, ``"ln_final.hook_normalized"`` = ``"output"``),
+and the older ``"block.l"`` for ``"block.l"``. Mamba blocks have no attention or MLP sublayer:
+only ``"output"``, ``"resid.l"`` and ``"block.l"`` exist there.
 
 ``f`` runs the base model and reads ``y`` with a forward hook, stopping the forward pass as
-soon as ``y`` is read (later blocks are not run). For ``"layer.l"`` the blocks before ``l`` run
+soon as ``y`` is read (later blocks are not run). For ``"block.l"`` the blocks before ``l`` run
 on the prompt and block ``l``'s input is *replaced* by ``x``, so masks, rotary tables and
 every other per-call argument are the model's own for whichever attention kernel is active.
 
@@ -30,16 +36,17 @@ Example:
     >>> import torch
     >>> from toolkit.models.tiny import tiny_hf_model
     >>> model = tiny_hf_model("llama")
-    >>> resolve_target(model, ("mlp", 1)).name
-    'mlp.1'
+    >>> [resolve_target(model, t).name for t in (("mlp", 1), 2, "blocks.1.hook_resid_post", "layer.0")]
+    ['mlp.1', 'resid.2', 'resid.2', 'block.0']
     >>> ids = torch.tensor([1, 2, 3])
-    >>> x = target_input(model, ids, "layer.1")            # h_1: the input of block 1
-    >>> f = state_function(model, "layer.1", input_ids=ids, position=None)
+    >>> x = target_input(model, ids, "block.1")            # h_1: the input of block 1
+    >>> f = state_function(model, "block.1", input_ids=ids, position=None)
     >>> f(x).shape                                         # h_2 at every position
     torch.Size([3, 64])
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable, Literal, Optional, Union
 
@@ -50,7 +57,7 @@ from toolkit.jacobian.guards import toolkit_hook
 from toolkit.models.architectures import spec_for
 
 Target = Union[int, str, tuple]
-Kind = Literal["output", "boundary", "attn", "mlp", "layer"]
+Kind = Literal["output", "resid", "attn", "mlp", "block"]
 
 # Per family, the block's child whose output is the sublayer's contribution to the residual stream.
 SUBLAYER_OUTPUTS: dict[str, dict[str, str]] = {
@@ -61,7 +68,13 @@ SUBLAYER_OUTPUTS: dict[str, dict[str, str]] = {
     "gpt_neox": {"attn": "post_attention_dropout", "mlp": "post_mlp_dropout"},
     "mamba": {},
 }
-COMPONENT_KINDS = ("attn", "mlp", "layer")
+COMPONENT_KINDS = ("attn", "mlp", "block")
+# Older spellings of a kind, accepted and normalised.
+KIND_ALIASES = {"layer": "block", "boundary": "resid"}
+# TransformerLens hook names that carry one of our targets: (kind, offset added to the block index).
+_TL_HOOKS = {"hook_resid_pre": ("resid", 0), "hook_resid_post": ("resid", 1), "hook_attn_out": ("attn", 0),
+             "hook_mlp_out": ("mlp", 0)}
+_TL_OUTPUT = ("ln_final.hook_normalized", "ln_final.hook_out")
 # Learned absolute position embeddings, attribute of the base model: part of x = h_0, not of the map.
 POSITION_EMBEDDINGS = {"gpt2": "wpe"}
 
@@ -74,25 +87,43 @@ class TargetSpec:
     layer: Optional[int] = None
 
     @property
-    def name(self) -> Union[str, int]:
-        """The canonical spelling: ``"output"``, an int boundary, or ``"attn.5"``/``"mlp.5"``/``"layer.5"``."""
-        if self.kind == "output":
-            return "output"
-        if self.kind == "boundary":
-            return self.layer
-        return f"{self.kind}.{self.layer}"
+    def name(self) -> str:
+        """The canonical spelling: ``"output"``, ``"resid.l"``, ``"attn.l"``, ``"mlp.l"`` or ``"block.l"``."""
+        return "output" if self.kind == "output" else f"{self.kind}.{self.layer}"
 
     @property
     def input_name(self) -> str:
-        """What ``x`` is: ``"h_0"``, or ``"h_l"`` for a layer's own transform."""
-        return f"h_{self.layer}" if self.kind == "layer" else "h_0"
+        """What ``x`` is: ``"h_0"``, or ``"h_l"`` for a block's own transform."""
+        return f"h_{self.layer}" if self.kind == "block" else "h_0"
 
 
 def _valid_choices(n_layers: int, family: str) -> str:
-    kinds = [k for k in COMPONENT_KINDS if k == "layer" or k in SUBLAYER_OUTPUTS.get(family, {})]
+    kinds = [k for k in COMPONENT_KINDS if k == "block" or k in SUBLAYER_OUTPUTS.get(family, {})]
     comps = ", ".join(f"'{k}.l'" for k in kinds)
-    return (f"'output', a boundary 0..{n_layers} (int), or {comps} with block l in 0..{n_layers - 1} "
-            f"(or the tuple form, e.g. ('{kinds[0]}', {n_layers // 2}))")
+    return (f"'output', 'resid.l' with boundary l in 0..{n_layers} (or the int l), or {comps} with block l in "
+            f"0..{n_layers - 1} (TransformerLens hook names such as 'blocks.{n_layers // 2}.hook_resid_post' "
+            f"work too)")
+
+
+def _split(target: Target) -> tuple:
+    """``(kind, index)`` from any accepted spelling, before validation (``(None, None)`` if not understood)."""
+    if isinstance(target, tuple) and len(target) == 2:
+        kind, layer = target
+        return KIND_ALIASES.get(kind, kind), layer
+    if not isinstance(target, str):
+        return None, None
+    name = target.strip()
+    if name.lower() in ("output", *_TL_OUTPUT):
+        return "output", None
+    hook = re.fullmatch(r"blocks\.(\d+)\.(hook_\w+)", name)
+    if hook is not None and hook.group(2) in _TL_HOOKS:
+        kind, offset = _TL_HOOKS[hook.group(2)]
+        return kind, int(hook.group(1)) + offset
+    kind, dot, index = name.partition(".")
+    if not dot:
+        return None, None
+    kind = KIND_ALIASES.get(kind.lower(), kind.lower())
+    return kind, int(index) if index.lstrip("-").isdigit() else index
 
 
 def resolve_target(hf_model: nn.Module, target: Target) -> TargetSpec:
@@ -101,34 +132,31 @@ def resolve_target(hf_model: nn.Module, target: Target) -> TargetSpec:
     Example:
         >>> from toolkit.models.tiny import tiny_hf_model
         >>> model = tiny_hf_model("gpt2")
-        >>> [resolve_target(model, t).name for t in ("output", 2, "attn.0", ("layer", 1))]
-        ['output', 2, 'attn.0', 'layer.1']
+        >>> [resolve_target(model, t).name for t in ("output", 2, "attn.0", ("block", 1), "blocks.0.hook_mlp_out")]
+        ['output', 'resid.2', 'attn.0', 'block.1', 'mlp.0']
         >>> resolve_target(tiny_hf_model("mamba"), "attn.0")
         Traceback (most recent call last):
         ...
-        ValueError: target 'attn.0': mamba blocks have no attention sublayer; valid targets: 'output', a boundary 0..2 (int), or 'layer.l' with block l in 0..1 (or the tuple form, e.g. ('layer', 1))
+        ValueError: target 'attn.0': mamba blocks have no attention sublayer; valid targets: 'output', 'resid.l' with boundary l in 0..2 (or the int l), or 'block.l' with block l in 0..1 (TransformerLens hook names such as 'blocks.1.hook_resid_post' work too)
     """
     spec = spec_for(hf_model)
     n_layers = len(spec.blocks(hf_model))
     choices = _valid_choices(n_layers, spec.family)
     if isinstance(target, TargetSpec):
-        target = target.name
-    if isinstance(target, str) and target == "output":
+        return target
+    if isinstance(target, bool):
+        raise ValueError(f"target {target!r} is not understood; valid targets: {choices}.")
+    kind, layer = ("resid", target) if isinstance(target, int) else _split(target)
+    if kind == "output":
         return TargetSpec("output")
-    if isinstance(target, int) and not isinstance(target, bool):
-        if 0 <= target <= n_layers:
-            return TargetSpec("boundary", target)
-        raise ValueError(f"target boundary {target} is out of range for a {n_layers}-layer model; "
-                         f"valid targets: {choices}.")
-    kind = layer = None
-    if isinstance(target, tuple) and len(target) == 2:
-        kind, layer = target
-    elif isinstance(target, str) and target.count(".") == 1:
-        kind, _, index = target.partition(".")
-        layer = int(index) if index.lstrip("-").isdigit() else index
+    if kind == "resid" and isinstance(layer, int):
+        if 0 <= layer <= n_layers:
+            return TargetSpec("resid", layer)
+        raise ValueError(f"target {target!r} is out of range: not a layer boundary 0..{n_layers} of this "
+                         f"{n_layers}-layer model; valid targets: {choices}.")
     if kind not in COMPONENT_KINDS or not isinstance(layer, int) or isinstance(layer, bool):
         raise ValueError(f"target {target!r} is not understood; valid targets: {choices}.")
-    if kind != "layer" and kind not in SUBLAYER_OUTPUTS.get(spec.family, {}):
+    if kind != "block" and kind not in SUBLAYER_OUTPUTS.get(spec.family, {}):
         what = "attention" if kind == "attn" else "MLP"
         raise ValueError(f"target {target!r}: {spec.family} blocks have no {what} sublayer; valid targets: {choices}")
     if not 0 <= layer < n_layers:
@@ -166,11 +194,11 @@ def read_module(hf_model: nn.Module, target: Target) -> nn.Module:
     spec = spec_for(hf_model)
     if t.kind == "output":
         return spec.final_norm(hf_model)
-    if t.kind == "boundary":
+    if t.kind == "resid":
         if t.layer == 0:
             raise ValueError("boundary 0 is the input h_0 itself: no module outputs it.")
         return spec.blocks(hf_model)[t.layer - 1]
-    if t.kind == "layer":
+    if t.kind == "block":
         return spec.blocks(hf_model)[t.layer]
     return sublayer_module(hf_model, t.kind, t.layer)
 
@@ -273,7 +301,7 @@ def input_embeddings(hf_model: nn.Module, input_ids: Tensor) -> Tensor:
 
 
 def target_input(hf_model: nn.Module, input_ids: Tensor, target: Target = "output") -> Tensor:
-    """The ``x`` of a target for one sequence, ``[T, d]``, detached: ``h_0``, or ``h_l`` for ``"layer.l"``.
+    """The ``x`` of a target for one sequence, ``[T, d]``, detached: ``h_0``, or ``h_l`` for ``"block.l"``.
 
     Example:
         >>> import torch
@@ -284,7 +312,7 @@ def target_input(hf_model: nn.Module, input_ids: Tensor, target: Target = "outpu
         True
     """
     t = resolve_target(hf_model, target)
-    if t.kind != "layer" or t.layer == 0:
+    if t.kind != "block" or t.layer == 0:
         return input_embeddings(hf_model, input_ids)
     with torch.no_grad():  # h_l is the output of block l - 1
         (h,) = run_reading(hf_model, [spec_for(hf_model).blocks(hf_model)[t.layer - 1]], input_ids=input_ids)
@@ -297,7 +325,7 @@ def state_function(hf_model: nn.Module, target: Target = "output", *, input_ids:
     ``position`` or ``[T, d]`` when ``position`` is ``None``. A batch ``x`` ``[B, T, d]`` runs as
     ``B`` sequences and gives ``[B, ...]``.
 
-    ``input_ids`` is needed for ``"layer.l"`` (the blocks before ``l`` run on them). Frozen or
+    ``input_ids`` is needed for ``"block.l"`` (the blocks before ``l`` run on them). Frozen or
     not depends on whether ``f`` is called inside :func:`toolkit.jacobian.freeze.detached`.
 
     Example:
@@ -310,12 +338,12 @@ def state_function(hf_model: nn.Module, target: Target = "output", *, input_ids:
         torch.Size([64])
     """
     t = resolve_target(hf_model, target)
-    if t.kind == "layer" and input_ids is None:
+    if t.kind == "block" and input_ids is None:
         raise ValueError(f"target {t.name!r} (a layer's own transform) needs input_ids: the blocks before "
                          f"{t.layer} run on the prompt; pass input_ids=...")
     ids = None if input_ids is None else _as_ids(input_ids)
-    read = None if t.kind == "boundary" and t.layer == 0 else read_module(hf_model, t)
-    block = spec_for(hf_model).blocks(hf_model)[t.layer] if t.kind == "layer" else None
+    read = None if t.kind == "resid" and t.layer == 0 else read_module(hf_model, t)
+    block = spec_for(hf_model).blocks(hf_model)[t.layer] if t.kind == "block" else None
 
     def pick(h: Tensor) -> Tensor:  # h: [B, T, d]
         return h if position is None else h[:, position]
@@ -341,7 +369,7 @@ def states_function(hf_model: nn.Module, targets: list[Target], *,
                     position: int = -1) -> Callable[[Tensor], tuple[Tensor, ...]]:
     """``f(h_0) -> (y_1, ..., y_n)``: several ``h_0``-input targets at ``position`` from one forward pass.
 
-    The pass stops after the deepest target. ``"layer.l"`` targets (input ``h_l``) are refused.
+    The pass stops after the deepest target. ``"block.l"`` targets (input ``h_l``) are refused.
 
     Example:
         >>> import torch
@@ -353,10 +381,10 @@ def states_function(hf_model: nn.Module, targets: list[Target], *,
     """
     specs = [resolve_target(hf_model, t) for t in targets]
     for s in specs:
-        if s.kind == "layer":
+        if s.kind == "block":
             raise ValueError(f"target {s.name!r} takes h_{s.layer} as input, not h_0: compute it on its own "
                              f"(detached_jacobian(..., target={s.name!r})).")
-    reads = [None if s.kind == "boundary" and s.layer == 0 else read_module(hf_model, s) for s in specs]
+    reads = [None if s.kind == "resid" and s.layer == 0 else read_module(hf_model, s) for s in specs]
     modules = list({id(m): m for m in reads if m is not None}.values())
 
     def f(x: Tensor) -> tuple[Tensor, ...]:

@@ -30,11 +30,30 @@ def rho_bars(results: Sequence) -> go.Figure:
                   "Spearman rho")
 
 
-def rel_err_kl_scatter(result, layer: int | None = None, max_points: int = 4000) -> go.Figure:
-    """Figure 2b: token-level RelErr vs KL, the token and its context on hover."""
+def sample_rows(selected: np.ndarray, max_points: int, seed: int = 0) -> np.ndarray:
+    """At most ``max_points`` of the selected row indices, a seeded uniform sample (sorted), so that a
+    capped figure shows every layer in proportion rather than the first rows (= the first layer).
+
+    Example:
+        >>> rows = sample_rows(np.ones(10, bool), 4)
+        >>> len(rows), bool((np.diff(rows) > 0).all())
+        (4, True)
+    """
+    idx = np.flatnonzero(selected)
+    if len(idx) <= max_points:
+        return idx
+    return np.sort(np.random.default_rng(seed).choice(idx, size=max_points, replace=False))
+
+
+def rel_err_kl_scatter(result, layer: int | None = None, max_points: int = 4000, seed: int = 0) -> go.Figure:
+    """Figure 2b: token-level RelErr vs KL, the token and its context on hover.
+
+    With more anchors than ``max_points``, a seeded sample across the selected layers is shown and
+    the title says how many of how many.
+    """
     a = result.anchors
     sel = np.ones(len(a["layer"]), bool) if layer is None else a["layer"] == layer
-    idx = np.flatnonzero(sel)[:max_points]
+    idx = sample_rows(sel, max_points, seed)
     hover = [f"layer {a['layer'][i]}, text {a['text'][i]}, pos {a['position'][i]}<br>"
              f"token <b>{html.escape(repr(str(a['token'][i])), quote=False)}</b><br>…"
              f"{html.escape(str(a['context'][i]), quote=False)}"
@@ -45,7 +64,9 @@ def rel_err_kl_scatter(result, layer: int | None = None, max_points: int = 4000)
                                  text=hover, hovertemplate="%{text}<br>RelErr %{x:.3f}, KL %{y:.3g}<extra></extra>"))
     fig.update_yaxes(type="log")
     what = "all layers" if layer is None else f"layer {layer}"
-    return finish(fig, f"RelErr vs KL per token ({what})", "RelErr = ||h_{l+1} - T(h_l)|| / ||h_{l+1}||",
+    shown = f"{len(idx)} anchors" if len(idx) == int(sel.sum()) else \
+        f"a random {len(idx)} of {int(sel.sum())} anchors (seed {seed})"
+    return finish(fig, f"RelErr vs KL per token ({what}; {shown})", "RelErr = ||h_{l+1} - T(h_l)|| / ||h_{l+1}||",
                   "KL(P_orig || P_patched) (nats, log scale)")
 
 
