@@ -73,9 +73,13 @@ class Tolerance:
     reconstruction: float
 
 
-# Measured on SmolLM2-135M and Gemma 3 (see tests/test_freeze_guards.py and the module notes):
-# float32 live 1e-6 / reconstruction 7e-7 against bounds 1e-4 / 1e-5; bfloat16 live ~1e-2, float16 ~1e-3.
-# A broken freeze (a nonlinear hook, an override) gives 1e-2 and more in float32.
+# Measured on SmolLM2-135M, "The capital of France is" (5 tokens), target "output", CPU:
+#   float32:  live 1.2e-6, VJP affinity probe 6.5e-7, reconstruction 7.2e-7  -> bounds 1e-4 / 1e-5
+#   bfloat16: live 2.3e-2, VJP affinity probe 7.3e-3, reconstruction 1.1e-2  -> bounds 1e-1 / 5e-2
+#   float16:  not measured (CPU half matmuls are too slow here); its 10-bit mantissa (bfloat16: 7) puts
+#             rounding ~8x below bfloat16's, so bounds 2e-2 / 1e-2.
+# A broken freeze in float32 (a tanh hook on an MLP, an override) gives 1e-2 and more. In bfloat16 the rounding
+# itself is that large, so only the structural refusal (inspect_model) separates the two there.
 TOLERANCES: dict[torch.dtype, Tolerance] = {
     torch.float64: Tolerance(live=1e-8, reconstruction=1e-10),
     torch.float32: Tolerance(live=1e-4, reconstruction=1e-5),
