@@ -7,7 +7,7 @@ import inspect
 import os
 from pathlib import Path
 
-BENCHMARKS = ("collect", "decompose", "jacobian")
+BENCHMARKS = ("collect", "decompose", "jacobian", "families")
 
 
 def main() -> None:

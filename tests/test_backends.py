@@ -6,7 +6,13 @@ import torch
 
 from toolkit.backends import make_backend
 from toolkit.models.architectures import spec_for
+from toolkit.models.families import family_hf_class, tl_bridge_supports
 from toolkit.models.tiny import TINY_ARCHITECTURES, tiny_hf_model
+
+# TransformerBridge has no adapter for some families (Ministral): nnsight serves those alone.
+TL_ARCHITECTURES = [a for a in TINY_ARCHITECTURES if tl_bridge_supports(family_hf_class(a))]
+CASES = [(a, b) for a in TINY_ARCHITECTURES for b in ("nnsight", "transformer_lens")
+         if b == "nnsight" or a in TL_ARCHITECTURES]
 
 
 def _reference_states(hf_model, ids):
@@ -45,19 +51,15 @@ def _reference_patch(hf_model, ids, layer, positions, values):
             return args, {**kwargs, "hidden_states": edit(kwargs["hidden_states"])}
         handle = blocks[layer].register_forward_pre_hook(hook, with_kwargs=True)
     else:
-        handle = blocks[-1].register_forward_hook(lambda m, a, out: edit(out))
+        handle = blocks[-1].register_forward_hook(  # GPT-J / GPT-Neo blocks return (hidden, attn weights)
+            lambda m, a, out: (edit(out[0]),) + out[1:] if isinstance(out, tuple) else edit(out))
     with torch.no_grad():
         logits = hf_model(ids).logits
     handle.remove()
     return logits
 
 
-@pytest.fixture(params=TINY_ARCHITECTURES)
-def arch(request):
-    return request.param
-
-
-@pytest.mark.parametrize("backend", ["nnsight", "transformer_lens"])
+@pytest.mark.parametrize("arch, backend", CASES)
 def test_hidden_states_match_reference_and_unembed(arch, backend, smollm2_tokenizer):
     hf = tiny_hf_model(arch, vocab_size=smollm2_tokenizer.vocab_size)
     model = make_backend(hf, smollm2_tokenizer, backend=backend)
@@ -71,7 +73,7 @@ def test_hidden_states_match_reference_and_unembed(arch, backend, smollm2_tokeni
     torch.testing.assert_close(model.hidden_states(ids, [2, 0]), hs[[2, 0]])
 
 
-@pytest.mark.parametrize("backend", ["nnsight", "transformer_lens"])
+@pytest.mark.parametrize("arch, backend", CASES)
 def test_patch_matches_reference(arch, backend, smollm2_tokenizer):
     hf = tiny_hf_model(arch, vocab_size=smollm2_tokenizer.vocab_size)
     model = make_backend(hf, smollm2_tokenizer, backend=backend)
@@ -87,6 +89,7 @@ def test_patch_matches_reference(arch, backend, smollm2_tokenizer):
         assert not torch.allclose(got[1, 2], base[1, 2], atol=1e-3)
 
 
+@pytest.mark.parametrize("arch", TL_ARCHITECTURES)
 def test_backends_agree_on_tiny_models(arch, smollm2_tokenizer):
     hf = tiny_hf_model(arch, vocab_size=smollm2_tokenizer.vocab_size)
     a = make_backend(hf, smollm2_tokenizer, backend="nnsight")
@@ -103,6 +106,12 @@ def test_default_backend_by_architecture(smollm2_tokenizer):
     assert make_backend(tiny_hf_model("gpt_neox"), smollm2_tokenizer).name == "transformer_lens"
     for arch in ("llama", "gemma3", "qwen3", "mamba"):
         assert make_backend(tiny_hf_model(arch), smollm2_tokenizer).name == "nnsight"
+
+
+def test_transformer_lens_refuses_a_family_without_a_bridge_adapter(smollm2_tokenizer):
+    assert "ministral" in TINY_ARCHITECTURES and "ministral" not in TL_ARCHITECTURES
+    with pytest.raises(ValueError, match="no adapter for MinistralForCausalLM.*backend='nnsight'"):
+        make_backend(tiny_hf_model("ministral"), smollm2_tokenizer, backend="tl")
 
 
 def test_wraps_user_built_nnsight_and_bridge(smollm2_tokenizer):

@@ -110,3 +110,87 @@ def test_smollm2_wikitext_collection_both_backends(smollm2_nnsight, smollm2_tl, 
 def test_too_few_texts_is_a_clear_error(tiny):
     with pytest.raises(ValueError, match="need n_train \\+ n_test"):
         collect_from_corpus(tiny, "embedded", n_train=100000, n_test=10, seq_len=32, progress=False)
+
+
+# ----- #15: temporaries of killed runs, and a model identity that survives moving ----------------
+def test_killed_run_temporary_is_removed_and_a_live_one_kept(tiny, tmp_path):
+    """`kill -9` during a collection leaves its temporary folder; the next collection in the store removes
+    it (its writer is dead) and leaves the temporary of a writer that is still running."""
+    import os
+    import signal
+
+    from toolkit.atomic import temporary_prefix
+    from toolkit.collection.store import EntryWriter
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a collection that is writing its entry when it gets killed
+        try:
+            EntryWriter(tmp_path / "somekey", 10, 8, [0, 1])
+            os.write(write, b"1")
+            signal.pause()
+        finally:
+            os._exit(1)
+    os.close(write)
+    try:
+        assert os.read(read, 1) == b"1"
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(read)
+    dead = [p for p in tmp_path.iterdir() if "somekey" in p.name]
+    assert len(dead) == 1 and dead[0].is_dir() and dead[0].name.startswith(".")   # left behind by the kill
+    live = tmp_path / (temporary_prefix("otherkey") + "running")  # this process: alive
+    live.mkdir()
+    tokens, positions = _inputs()
+    states = collect_hidden_states(tiny, tokens, positions, cache_dir=tmp_path, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([states.directory.name, live.name])
+
+
+def test_moved_weights_and_moved_cache_stay_valid(smollm2_tokenizer, tmp_path, monkeypatch):
+    """The same weights loaded from another folder, with the store moved elsewhere, hit the same entry;
+    one changed weight does not."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+    tiny_hf_model("llama", vocab_size=smollm2_tokenizer.vocab_size, n_layers=2).save_pretrained(tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+
+    def load(folder):
+        hf = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+        return make_backend(hf, smollm2_tokenizer, backend="nnsight")
+
+    a, b = load(tmp_path / "a"), load(tmp_path / "b")
+    assert a.hf_model.config._name_or_path != b.hf_model.config._name_or_path
+    tokens, positions = _inputs()
+    first = collect_hidden_states(a, tokens, positions, cache_dir=tmp_path / "cache", progress=False)
+    expected = first.hidden(2)
+    shutil.move(tmp_path / "cache", tmp_path / "moved")
+    monkeypatch.setattr(b, "hidden_states", lambda *x, **k: pytest.fail("the moved weights missed the cache"))
+    second = collect_hidden_states(b, tokens, positions, cache_dir=tmp_path / "moved", progress=False)
+    assert second.meta["model_fingerprint"] == first.meta["model_fingerprint"]
+    torch.testing.assert_close(second.hidden(2), expected)
+    monkeypatch.undo()
+    with torch.no_grad():
+        b.hf_model.model.layers[1].mlp.down_proj.weight[3, 7] += 1e-3
+    third = collect_hidden_states(b, tokens, positions, cache_dir=tmp_path / "moved", progress=False)
+    assert third.directory != second.directory and third.meta["model_fingerprint"] != first.meta["model_fingerprint"]
+
+
+def test_smollm2_fingerprint_is_the_weights_not_the_folder(smollm2_tl, tmp_path):
+    """SmolLM2 through TransformerLens' bridge (modules wrapped in place) and a fresh load of the same files
+    from another folder have one fingerprint; it takes well under the time of a forward pass of a batch."""
+    import time
+
+    from transformers import AutoModelForCausalLM
+
+    from toolkit.collection import model_fingerprint
+    from toolkit.models.fingerprint import weights_fingerprint
+    from toolkit.models.weights import SMOLLM2, converted_folder
+    for f in converted_folder(SMOLLM2).iterdir():       # the same files, seen from another folder
+        (tmp_path / f.name).symlink_to(f)
+    fresh = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    t0 = time.perf_counter()
+    bridged = model_fingerprint(smollm2_tl)
+    elapsed = time.perf_counter() - t0
+    assert bridged == weights_fingerprint(fresh)
+    assert elapsed < 30, elapsed  # ~0.3 s on an idle core; generous for a shared machine

@@ -87,3 +87,27 @@ def test_smollm2_same_metrics_through_both_backends(smollm2_nnsight, smollm2_tl)
     assert a.settings["backend"] != b.settings["backend"]
     # on a real model the tokenwise map leaves a residual that matters
     assert (a.anchors["kl"] > 0).all() and 0.01 < np.median(a.anchors["rel_err"]) < 1.5
+
+
+def test_records_the_rank_the_maps_really_have(tiny):
+    """#15: `--rank 32 --k 8` fits rank-7 maps (update form: 8 centred neighbours span 7 directions); the
+    result records rank 7 (and the request), and its numbers are those of rank 7."""
+    kwargs = {**SMALL, "k": 8, "compare_mlp": False}
+    asked = decompose(tiny, "embedded", layers=[1], **{**kwargs, "rank": 32}, sweep_rank=[4, 32])
+    assert asked.settings["rank"] == 7 and asked.settings["rank_requested"] == 32
+    same = decompose(tiny, "embedded", layers=[1], **{**kwargs, "rank": 7})
+    assert same.settings["rank"] == 7 and "rank_requested" not in same.settings
+    np.testing.assert_allclose(asked.anchors["rel_err"], same.anchors["rel_err"], rtol=1e-4)
+    assert [(r["rank"], r.get("rank_requested")) for r in asked.sweeps["rank"]] == [(4, None), (7, 32)]
+
+
+@pytest.mark.parametrize("arch", ["mistral", "ministral", "ministral3", "phi3", "olmo2", "gemma2", "smollm3",
+                                  "gptj", "gpt_neo", "gemma"])
+def test_decomposition_runs_on_every_family(arch, smollm2_tokenizer):
+    """Issue 12's families end to end (through nnsight, which serves them all): one layer, small settings."""
+    model = make_backend(tiny_hf_model(arch, vocab_size=smollm2_tokenizer.vocab_size), smollm2_tokenizer)
+    result = decompose(model, "embedded", layers=[1], **SMALL, compare_mlp=False)
+    (row,) = result.layer_summary
+    assert row["layer"] == 1 and np.isfinite(row["rel_err_mean"]) and row["rel_err_mean"] > 0
+    kl = result.anchors["kl"]
+    assert len(kl) == 3 * 4 and np.isfinite(kl).all() and (kl >= 0).all()

@@ -11,11 +11,15 @@ from toolkit.backends.incremental import (cache_kwargs, full_cache, full_cache_s
 from toolkit.collection.pairs import collect_hidden_states
 from toolkit.decompose.interventions import patched_kl, patched_kl_plain
 from toolkit.decompose.kl import kl_divergence, kl_from_normed, kl_many
-from toolkit.models.tiny import TINY_ARCHITECTURES, tiny_hf_model
+from toolkit.models.families import family_hf_class, tl_bridge_supports
+from toolkit.models.tiny import MECHANISM_ARCHITECTURES, tiny_hf_model
+
+# nnsight serves every family; TransformerBridge those it has an adapter for (not Ministral)
+CASES = [(a, b) for a in MECHANISM_ARCHITECTURES + ("ministral",) for b in ("nnsight", "tl")
+         if b == "nnsight" or tl_bridge_supports(family_hf_class(a))]
 
 
-@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
-@pytest.mark.parametrize("backend", ["nnsight", "tl"])
+@pytest.mark.parametrize("arch, backend", CASES)
 def test_cached_step_equals_full_patch(arch, backend, smollm2_tokenizer):
     model = make_backend(tiny_hf_model(arch, n_layers=3, vocab_size=smollm2_tokenizer.vocab_size),
                          smollm2_tokenizer, backend=backend)
@@ -101,7 +105,7 @@ def test_bad_values_shape(smollm2_tokenizer):
         patched_kl(model, tokens, positions, {0: torch.randn(4, 64)})
 
 
-@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+@pytest.mark.parametrize("arch", MECHANISM_ARCHITECTURES)
 def test_fast_kl_equals_plain_on_tiny_models(arch, smollm2_tokenizer):
     # tiny gemma3 has a sliding window of 8 < seq_len: it must take the per-position route and still agree
     model = make_backend(tiny_hf_model(arch, n_layers=3, vocab_size=smollm2_tokenizer.vocab_size),

@@ -108,11 +108,11 @@ def test_jacobian_command_end_to_end(tmp_path, capsys):
     assert (args.model, parse_target(args.layer)) == ("smollm2-135m", 10)  # boundary 10: a third of the cost
     assert args.func(args) == 0  # toolkit.load_model, both Jacobians, analysis, files, summary
     data = json.loads((tmp_path / "jacobian.json").read_text())
-    assert data["model"] == "smollm2-135m" and data["target"] == 10
+    assert data["model"] == "smollm2-135m" and data["target"] == "resid.10"
     assert data["detached"]["reconstruction_error"] < 1e-5 < data["ordinary"]["reconstruction_error"]
     assert len(data["analysis"]["stable_rank"]) == len(data["str_tokens"]) == 2
     assert len(data["analysis"]["left"][-1][0]["tokens"]) == 3
-    assert DetachedJacobian.load(tmp_path / "detached_jacobian.pt").reconstruction_error < 1e-5
+    assert DetachedJacobian.load(tmp_path / "detached_jacobian").reconstruction_error < 1e-5
     html = (tmp_path / "report.html").read_text()
     assert "<script src=" not in html and html.count("plotly-graph-div") >= 3  # self-contained
     printed = capsys.readouterr().out
@@ -139,7 +139,7 @@ def test_jacobian_command_on_a_component(smollm2_nnsight, tmp_path):
     assert not (tmp_path / "bad").exists()  # refused before anything is written
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma3", "mamba"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma3", "mamba", "gemma2", "olmo2", "phi3", "gpt_neo"])
 def test_residual_readout_is_the_frozen_final_norm_then_unembedding(arch):
     """u @ residual_readout is parallel to W_U applied to the frozen final norm's derivative in u."""
     from toolkit.jacobian.analysis import residual_readout

@@ -10,9 +10,12 @@ from toolkit.backends import make_backend
 from toolkit.jacobian.freeze import detached
 from toolkit import detached_jacobian
 from toolkit import detached_jacobian as backend_jacobian  # the loaded model: its own hooking path
-from toolkit.models.tiny import tiny_hf_model
+from toolkit.models.families import family_hf_class, tl_bridge_supports
+from toolkit.models.tiny import TINY_ARCHITECTURES, tiny_hf_model
 
 IDS = torch.tensor([3, 17, 42, 7, 99, 5])
+NEW_FAMILIES = ["mistral", "ministral3", "phi3", "olmo2", "gemma2", "smollm3", "gptj", "gpt_neo", "gemma"]  # issue 12
+NO_TL_BRIDGE = [a for a in TINY_ARCHITECTURES if not tl_bridge_supports(family_hf_class(a))]  # Ministral
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -40,6 +43,19 @@ def test_tiny_backends_equal_direct(arch, target, smollm2_tokenizer):
         ordinary = backend_jacobian(model, IDS, target=target, detached=False)
         assert rel(ordinary.jacobian, ref_ordinary.jacobian) < 1e-5
         assert ordinary.reconstruction_error > 1e-3
+
+
+@pytest.mark.parametrize("arch", NEW_FAMILIES)
+def test_new_families_same_jacobian_through_both_backends(arch, smollm2_tokenizer):
+    """Issue 12's families with a TransformerBridge adapter: direct, nnsight and TransformerLens agree."""
+    hf = tiny_hf_model(arch, vocab_size=smollm2_tokenizer.vocab_size)
+    ref = detached_jacobian(copy.deepcopy(hf), IDS, target="output")
+    via_nn = backend_jacobian(make_backend(hf, smollm2_tokenizer, backend="nnsight"), IDS, target="output")
+    via_tl = backend_jacobian(make_backend(hf, smollm2_tokenizer, backend="tl"), IDS, target="output")
+    for r in (ref, via_nn, via_tl):
+        assert r.reconstruction_error < 1e-5, r
+    for r in (via_nn, via_tl):
+        assert rel(r.jacobian, ref.jacobian) < 1e-5 and rel(r.y, ref.y) < 1e-6 and torch.allclose(r.c, ref.c, atol=1e-5)
 
 
 def test_freeze_is_reversible_on_wrapped_models(smollm2_tokenizer):
@@ -85,7 +101,7 @@ def test_bad_backend_and_target(smollm2_tokenizer):
     model.hf_model.eval()
 
 
-@pytest.mark.parametrize("arch", ["mamba", "gemma3", "gpt_neox", "qwen3"])
+@pytest.mark.parametrize("arch", ["mamba", "gemma3", "gpt_neox", "qwen3"] + NO_TL_BRIDGE)
 def test_tiny_nnsight_equals_direct_on_other_architectures(arch, smollm2_tokenizer):
     """nnsight serves Mamba and Gemma (and can serve Pythia): same Jacobian as the direct path."""
     hf = tiny_hf_model(arch, vocab_size=smollm2_tokenizer.vocab_size)

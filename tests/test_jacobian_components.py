@@ -87,8 +87,22 @@ def test_layer_transform_matches_a_direct_block_call(arch):
         reference = torch.autograd.functional.jacobian(g, h1, vectorize=True)  # [d_out, T, d_in]
     assert torch.allclose(y, r.y, atol=1e-5)
     assert (reference.movedim(0, 1) - r.jacobian).abs().max() < 1e-5 * r.jacobian.abs().max()
-    # cross-token blocks: earlier positions reach the last one through attention (Mamba: the scan)
-    assert r.jacobian[0].abs().max() > 1e-4 * r.jacobian[-1].abs().max()
+    # cross-token blocks: earlier positions reach the last one through attention (Mamba: the scan;
+    # sliding-window layers only from inside their window, see test_sliding_window_layers_see_only_their_window)
+    assert r.jacobian[-2].abs().max() > 1e-4 * r.jacobian[-1].abs().max()
+
+
+@pytest.mark.parametrize("arch, windows", [("mistral", [4, 4, 4]), ("ministral", [4, None, 4]),
+                                           ("gemma2", [4, None, 4]), ("gpt_neo", [None, 4, None])])
+def test_sliding_window_layers_see_only_their_window(arch, windows):
+    """A sliding-window block's own transform reaches the last position from its last ``window`` positions only."""
+    model = tiny(arch)
+    for layer, window in enumerate(windows):
+        r = detached_jacobian(model, IDS, target=f"block.{layer}")
+        assert r.reconstruction_error < 1e-5, r
+        reach = r.jacobian.abs().amax(dim=(1, 2))  # [T]: how much each input position moves y
+        first = 0 if window is None else len(IDS) - window
+        assert (reach[:first] == 0).all() and (reach[first:] > 1e-4 * reach[-1]).all(), (layer, reach)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -13,7 +13,7 @@ from toolkit.models.tiny import TINY_ARCHITECTURES, tiny_hf_model
 
 IDS = torch.tensor([3, 17, 42, 7, 99, 5])
 OTHER_IDS = torch.tensor([11, 2, 250, 64, 8, 31])
-AFFINE = {"gpt2", "gpt_neox", "mamba"}  # biases / LayerNorm offsets / conv bias: c != 0 once frozen
+AFFINE = {"gpt2", "gpt_neox", "mamba", "gptj", "gpt_neo"}  # biases / LayerNorm offsets / conv bias: c != 0 once frozen
 
 
 def tiny(arch: str, **kwargs) -> nn.Module:
@@ -129,6 +129,24 @@ def test_attention_pattern_is_frozen():
     model.zero_grad(set_to_none=True)
     target_function(model)(x).sum().backward()  # unfrozen again: queries and keys learn
     assert attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_phi3_fused_projections_freeze_only_their_qk_columns_and_gate_half():
+    """Phi 3 fuses [q | k | v] in qkv_proj and [gate | up] in gate_up_proj: only v and up stay in the graph."""
+    model = tiny("phi3")
+    x = input_embeddings(model, IDS).requires_grad_(True)
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    qk = (model.config.num_attention_heads + model.config.num_key_value_heads) * attn.head_dim
+    gate = mlp.down_proj.in_features
+    assert attn.qkv_proj.out_features > qk and mlp.gate_up_proj.out_features == 2 * gate
+    with detached(model):
+        target_function(model)(x).sum().backward()
+    g_qkv, g_gate_up = attn.qkv_proj.weight.grad, mlp.gate_up_proj.weight.grad
+    assert g_qkv[:qk].abs().max() == 0 and g_qkv[qk:].abs().min(dim=1).values.gt(0).any()
+    assert g_gate_up[:gate].abs().max() == 0 and g_gate_up[gate:].abs().sum(dim=1).gt(0).all()
+    model.zero_grad(set_to_none=True)
+    target_function(model)(x).sum().backward()  # unfrozen: queries, keys and the gate learn
+    assert attn.qkv_proj.weight.grad[:qk].abs().sum() > 0 and mlp.gate_up_proj.weight.grad[:gate].abs().sum() > 0
 
 
 @pytest.mark.parametrize("swap", ["mish", "custom"])

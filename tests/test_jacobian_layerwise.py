@@ -10,13 +10,13 @@ import torch
 from toolkit.jacobian.all_layers import all_layer_jacobians, choose_mode, layer_targets
 from toolkit.jacobian.compute import detached_jacobian
 from toolkit.jacobian.layerwise import energy_rank, layerwise_spectra, prompt_matrix, subspace_overlap
-from toolkit.models.tiny import TINY_ARCHITECTURES, tiny_hf_model
+from toolkit.models.tiny import MECHANISM_ARCHITECTURES, tiny_hf_model
 from toolkit.plots.jacobian import layerwise_figure
 
 IDS = torch.tensor([3, 17, 42, 7, 99])
 
 
-@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+@pytest.mark.parametrize("arch", MECHANISM_ARCHITECTURES)
 def test_forward_sweep_and_per_layer_vjps_agree_and_reconstruct(arch):
     model = tiny_hf_model(arch, n_layers=3, width=32)
     components = ("resid",) if arch == "mamba" else ("resid", "attn", "mlp")

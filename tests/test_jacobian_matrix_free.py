@@ -8,7 +8,7 @@ from toolkit.jacobian.compute import detached_jacobian
 from toolkit.jacobian.matrix_free import jacobian_svd, randomized_svd
 from toolkit.jacobian.operator import batched_jvp, batched_vjp, frozen_operator
 from toolkit.jacobian.targets import input_embeddings, state_function, target_input
-from toolkit.models.tiny import TINY_ARCHITECTURES, tiny_hf_model
+from toolkit.models.tiny import MECHANISM_ARCHITECTURES, tiny_hf_model
 
 IDS = torch.tensor([3, 17, 42, 7, 99, 5])
 
@@ -54,7 +54,7 @@ def test_operator_products_match_autograd_functional_jacobian():
         batched_vjp(xg.sum(0), xg, torch.randn(2, 3))
 
 
-@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+@pytest.mark.parametrize("arch", MECHANISM_ARCHITECTURES)
 def test_top8_matches_formed_jacobian_on_tiny_models(arch):
     model = tiny_hf_model(arch, n_layers=3, width=32)
     # whole-prompt output map [J_1 .. J_T]: 32 x 192

@@ -176,7 +176,7 @@ def test_steer_command_end_to_end(tmp_path, capsys):
                               "--lam", "0", "1.5", "--max-new-tokens", "2", "--out", str(tmp_path)])
     assert (args.model, parse_ints(args.layer), parse_floats(args.lam)) == ("smollm2-135m", [25], [0.0, 1.5])
     assert args.func(args) == 0  # toolkit.load_model, baseline, operator, two runs, files, summary
-    result = SteeringResult.load(tmp_path / "steering.json")
+    result = SteeringResult.load(tmp_path / "steering")
     assert result.settings["model_id"] == "smollm2-135m" and result.settings["operator"] == "sum"
     assert [(r.layer, r.lam) for r in result.runs] == [(25, 0.0), (25, 1.5)]
     assert result.run(25, 0.0).token_ids == result.baseline.token_ids and len(result.baseline.token_ids) == 2

@@ -31,4 +31,5 @@ from toolkit.prompts import ensure_tokens
 __version__ = "0.1.0"
 __all__ = ["Backend", "make_backend", "as_backend", "load_model", "DEFAULT_MODEL", "ensure_tokens",
            "decompose_layers", "detached_jacobian", "ordinary_jacobian", "jacobian_svd", "all_layer_jacobians",
-           "layerwise_spectra", "steer", "steering_sweep", "__version__"]
+           "layerwise_spectra", "steer", "steering_sweep", "load", "__version__"]
+from toolkit.persist import load  # noqa: E402  (toolkit.load(path): any saved result, by its recorded kind)

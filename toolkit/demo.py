@@ -7,7 +7,7 @@ Loads SmolLM2-135M (offline) and runs both analyses:
    ``result.json``, ``anchors.csv``, ``anchors.npz`` and a self-contained ``report.html``;
 2. the detached Jacobian of "The bridge out of Marin is the" at the output embedding, with its
    reconstruction error, the ordinary Jacobian for contrast and the decoded singular vectors,
-   written to ``OUT/jacobian`` (``jacobian.json``, ``detached_jacobian.pt``, ``report.html``).
+   written to ``OUT/jacobian`` (``jacobian.json``, ``detached_jacobian/``, ``report.html``).
 """
 from __future__ import annotations
 

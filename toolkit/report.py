@@ -12,13 +12,14 @@ Example:
 from __future__ import annotations
 
 import html
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
+
+from toolkit.atomic import atomic_write_text
 
 _STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
@@ -66,9 +67,4 @@ def render_report(title: str, sections: Sequence[Section]) -> str:
 
 def write_report(path: str | Path, title: str, sections: Sequence[Section]) -> Path:
     """Write the report atomically (a reader never sees half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(render_report(title, sections), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, render_report(title, sections))

@@ -82,7 +82,7 @@ def full_cache_supported(model: Backend, seq_len: int, n_queries: int) -> bool:
     (no sliding window shorter than the text plus the queries)."""
     if model.info.architecture == "mamba":
         return False
-    window = getattr(model.hf_model.config, "sliding_window", None)
+    window = getattr(model.hf_model.config, spec_for(model.hf_model).window_attr, None)
     return window is None or seq_len + n_queries <= window
 
 
@@ -95,10 +95,15 @@ def full_cache(model: Backend, input_ids: Tensor):
 
 
 class _PassThrough(nn.Module):
-    """Stands in for a block below the entry boundary: returns its input unchanged."""
+    """Stands in for a block below the entry boundary: returns its input unchanged (as the block would:
+    alone, or first of a tuple)."""
 
-    def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
-        return hidden_states
+    def __init__(self, as_tuple: bool = False):
+        super().__init__()
+        self.as_tuple = as_tuple
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor | tuple:
+        return (hidden_states, None) if self.as_tuple else hidden_states
 
 
 class _NoPositions(nn.Module):
@@ -123,7 +128,7 @@ def entering_at(model: Backend, boundary: int):
     learned = getattr(base, spec.positions_attr) if spec.positions_attr else None
     try:
         for i in range(boundary):
-            blocks[i] = _PassThrough()
+            blocks[i] = _PassThrough(spec.block_returns_tuple)
         if learned is not None:
             setattr(base, spec.positions_attr, _NoPositions(model.d_model, learned.weight.dtype))
         yield base

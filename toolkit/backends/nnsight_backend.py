@@ -46,7 +46,7 @@ class NNsightBackend(Backend):
         with torch.no_grad(), self.traced.trace(input_ids, **kwargs) as tracer:
             # nnsight 0.8 requires modules to be visited in execution order.
             for l in sorted(set(layers)):
-                saved[l] = (blocks[0].input if l == 0 else blocks[l - 1].output).save()
+                saved[l] = (blocks[0].input if l == 0 else _first(blocks[l - 1].output)).save()
             tracer.stop()  # nothing above the last boundary asked for is needed: skip the rest and the unembedding
         return torch.stack([saved[l] for l in layers])
 
@@ -60,7 +60,7 @@ class NNsightBackend(Backend):
                 self.check_boundary(patch.layer)
                 if patch.layer == self.n_layers:
                     # h_L feeds the final norm, which is not a block: patch the last block's output.
-                    target = blocks[patch.layer - 1].output
+                    target = _first(blocks[patch.layer - 1].output)  # edited in place: the norm sees it
                 else:
                     target = blocks[patch.layer].input
                 if patch.add:

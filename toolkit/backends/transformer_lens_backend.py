@@ -30,6 +30,11 @@ class TransformerLensBackend(Backend):
             if tokenizer is None:
                 raise ValueError("the TransformerLens backend needs a tokenizer (TransformerBridge otherwise "
                                  "tries to download one); pass tokenizer=...")
+            from toolkit.models.families import tl_bridge_supports
+            hf_class = type(hf_model).__name__
+            if not tl_bridge_supports(hf_class):
+                raise ValueError(f"TransformerLens' TransformerBridge has no adapter for {hf_class} "
+                                 f"({info.architecture}); use backend='nnsight', which serves every family.")
             # The name only picks TL's defaults; architecture and weights come from hf_model.
             bridge = TransformerBridge.boot_transformers(info.model_id, hf_model=hf_model, tokenizer=tokenizer,
                                                          device=str(self.device), dtype=self.dtype)

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from toolkit.backends.base import Backend
 from toolkit.collection.store import EntryWriter, boundary_file, read_meta
+from toolkit.models.fingerprint import weights_fingerprint
 from toolkit.models.weights import cache_root
 
 
@@ -86,20 +87,16 @@ class CollectedStates:
 
 
 def model_fingerprint(model: Backend) -> str:
-    """A short hash of the model's identity: id, config and a checksum of some weights."""
-    h = hashlib.sha256()
-    h.update(model.info.model_id.encode())
-    h.update(model.hf_model.config.to_json_string(use_diff=False).encode())
-    with torch.no_grad():
-        for p in (model.W_E, next(model.blocks[-1].parameters())):
-            h.update(np.float64(p.double().sum().item()).tobytes())
-            h.update(np.float64(p.double().abs().sum().item()).tobytes())
-    return h.hexdigest()[:16]
+    """The model's identity from its weights and config (:func:`toolkit.models.fingerprint.weights_fingerprint`),
+    not its name or folder: moving the weights or the cache keeps it."""
+    return weights_fingerprint(model.hf_model)
 
 
-def cache_key(model: Backend, tokens: Tensor, positions: Tensor, boundaries: Sequence[int]) -> str:
+def cache_key(model: Backend, tokens: Tensor, positions: Tensor, boundaries: Sequence[int],
+              fingerprint: str | None = None) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({"model": model_fingerprint(model), "backend": model.name, "dtype": str(model.dtype),
+    fingerprint = fingerprint or model_fingerprint(model)
+    h.update(json.dumps({"model": fingerprint, "backend": model.name, "dtype": str(model.dtype),
                          "boundaries": list(boundaries)}).encode())
     h.update(tokens.cpu().numpy().astype(np.int64).tobytes())
     h.update(positions.cpu().numpy().astype(np.int64).tobytes())
@@ -145,12 +142,13 @@ def collect_hidden_states(model: Backend, tokens: Tensor, positions: Tensor, lay
     model.check_tokens(tokens[:1])
     boundaries = boundaries_for(model, layers)
     root = Path(cache_dir) if cache_dir is not None else cache_root() / "activations"
-    entry = root / cache_key(model, tokens, positions, boundaries)
+    fingerprint = model_fingerprint(model)
+    entry = root / cache_key(model, tokens, positions, boundaries, fingerprint)
     if use_cache and read_meta(entry) is not None:
         return _open(entry)
 
     n_texts, per_text = positions.shape
-    meta = {"model_id": model.info.model_id, "model_fingerprint": model_fingerprint(model), "backend": model.name,
+    meta = {"model_id": model.info.model_id, "model_fingerprint": fingerprint, "backend": model.name,
             "dtype": str(model.dtype), "boundaries": boundaries, "n_texts": n_texts, "seq_len": tokens.shape[1],
             "per_text": per_text, "d_model": model.d_model}
     keep_kv_cache = keep_kv_cache and model.n_layers in boundaries and model.info.architecture != "mamba"

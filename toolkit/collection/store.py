@@ -9,17 +9,20 @@ Layout of one entry (a folder named by its cache key)::
 
 A run writes into a hidden temporary folder beside the final one and renames it into
 place only after ``meta.json`` is written, so an interrupted run never leaves an entry that
-loads as valid.
+loads as valid. The temporary's name records the writer's host and pid; a run killed with
+``kill -9`` leaves it behind, and the next writer in the same store removes every temporary
+whose writer is dead (:func:`toolkit.atomic.remove_stale_temporaries`), never a live one.
 """
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from toolkit.atomic import remove_stale_temporaries, swap_in, temporary_prefix
 
 META = "meta.json"
 FORMAT_VERSION = 1
@@ -35,7 +38,8 @@ class EntryWriter:
     def __init__(self, final_dir: Path, n_rows: int, d_model: int, boundaries: list[int]):
         self.final_dir = Path(final_dir)
         self.final_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".tmp-{self.final_dir.name}-", dir=self.final_dir.parent))
+        remove_stale_temporaries(self.final_dir.parent)  # left by killed runs of any entry
+        self.tmp_dir = Path(tempfile.mkdtemp(prefix=temporary_prefix(self.final_dir.name), dir=self.final_dir.parent))
         self.arrays = {l: np.lib.format.open_memmap(self.tmp_dir / boundary_file(l), mode="w+",
                                                     dtype=np.float32, shape=(n_rows, d_model))
                        for l in boundaries}
@@ -55,9 +59,7 @@ class EntryWriter:
             np.save(self.tmp_dir / f"{name}.npy", arr)
         (self.tmp_dir / META).write_text(json.dumps({**meta, "format_version": FORMAT_VERSION, "complete": True},
                                                     indent=1))
-        if self.final_dir.exists():  # an older or broken entry under the same key
-            shutil.rmtree(self.final_dir)
-        os.replace(self.tmp_dir, self.final_dir)
+        swap_in(self.tmp_dir, self.final_dir)  # replaces an older or broken entry under the same key
         return self.final_dir
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -107,6 +107,24 @@ def _check_choice(function_class: str, form: str, rank: int | None, d: int, keep
         raise ValueError(f"keep_singular={keep_singular} must be between 0 and {MAX_KEEP_SINGULAR} (memory: M x s x d).")
 
 
+def effective_rank(function_class: str, form: str, rank: int | None, k: int, d: int) -> int | None:
+    """The rank a local low-rank map really has: ``min(rank, k)`` (plain) or ``min(rank, k - 1)`` (update:
+    centred neighbourhoods of ``k`` points span ``k - 1`` directions), at most ``d``; ``None`` where no
+    rank applies (other classes) or none was asked (untruncated).
+
+    Results record this, never a requested rank that did not apply (``--rank 32 --k 8`` fits rank 7).
+
+    Example:
+        >>> effective_rank("lowrank", "update", 32, k=8, d=64), effective_rank("lowrank", "plain", 4, k=8, d=64)
+        (7, 4)
+        >>> effective_rank("diag_local", "update", 32, k=8, d=64) is None
+        True
+    """
+    if function_class != "lowrank" or rank is None:
+        return None
+    return min(rank, k - 1 if form == "update" else k, d)
+
+
 def _svd(A: Tensor, full_matrices: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """``torch.linalg.svd`` computed in float64 and returned in ``A``'s dtype.
 
@@ -321,7 +339,8 @@ def fit_local_maps(train_X: Tensor, train_Y: Tensor, neighbours: Tensor, points:
     return LocalFit(predictions=torch.cat(preds),
                     left_singular=torch.cat(vecs) if has_vecs else None,
                     singular_values=torch.cat(vals) if has_vecs else None,
-                    function_class=function_class, form=form, rank=rank, k=k, neighbours=neighbours)
+                    function_class=function_class, form=form, rank=effective_rank(function_class, form, rank, k, d),
+                    k=k, neighbours=neighbours)
 
 
 @dataclass

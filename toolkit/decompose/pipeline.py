@@ -27,7 +27,8 @@ from toolkit.backends.base import Backend
 from toolkit.collection.from_corpus import collect_from_corpus
 from toolkit.collection.pairs import CollectedStates, kv_cache_bytes
 from toolkit.data import Corpus
-from toolkit.decompose.function_classes import FORMS, FUNCTION_CLASSES, MLPMap, fit_mlps, fit_tokenwise
+from toolkit.decompose.function_classes import (FORMS, FUNCTION_CLASSES, MLPMap, effective_rank, fit_mlps,
+                                              fit_tokenwise)
 from toolkit.decompose.geometry import tokenwise_geometry
 from toolkit.decompose.interventions import patched_kl
 from toolkit.decompose.result import DecompositionResult
@@ -183,7 +184,9 @@ def decompose(model: Any, corpus: str | Corpus = "embedded", *, layers: Sequence
     settings = {"model_id": model.info.model_id, "backend": model.name, "architecture": model.info.architecture,
                 "d_model": model.d_model, "n_layers": model.n_layers, "dtype": str(model.dtype),
                 "corpus": corpus if isinstance(corpus, str) else corpus.name, "layers": layers,
-                "function_class": function_class, "form": form, "k": k, "rank": rank, "n_train": n_train,
+                "function_class": function_class, "form": form, "k": k, **_rank_settings(function_class, form, rank, k,
+                                                                                         model.d_model),
+                "n_train": n_train,
                 "n_test": n_test, "seq_len": seq_len, "per_text": per_text, "seed": seed,
                 "kl_positions": kl_positions, "compare_mlp": compare_mlp, "mlp_steps": mlp_steps}
     result = DecompositionResult.build(settings, anchors, n_boot=n_boot)
@@ -196,6 +199,12 @@ def decompose(model: Any, corpus: str | Corpus = "embedded", *, layers: Sequence
     timings["total_s"] = time.perf_counter() - t0
     result.settings["timings"] = {k_: round(v, 2) for k_, v in timings.items()}
     return result
+
+
+def _rank_settings(function_class: str, form: str, rank: int | None, k: int, d: int) -> dict:
+    """``{"rank": the rank the maps really have}``, plus ``"rank_requested"`` when the request did not apply."""
+    used = effective_rank(function_class, form, rank, k, d)
+    return {"rank": used} if used == rank else {"rank": used, "rank_requested": rank}
 
 
 def run_sweeps(model: Backend, train: CollectedStates, test: CollectedStates, layer: int, function_class: str,
@@ -215,7 +224,10 @@ def run_sweeps(model: Backend, train: CollectedStates, test: CollectedStates, la
     for name, v, _, _ in variants:
         rel = errors[(name, v)]
         rho = spearman_with_ci(rel, kl[(name, v, layer + 1)].numpy(), n_boot=n_boot)
-        out.setdefault(name, []).append({name: v, "layer": layer, "rel_err_mean": float(np.nanmean(rel)),
+        kk, rr = (v, rank) if name == "k" else (k, v)
+        ranks = _rank_settings(function_class, form, rr, kk, model.d_model)
+        row = {"k": v, **ranks} if name == "k" else ranks   # a rank sweep's "rank" is the rank the maps have
+        out.setdefault(name, []).append({**row, "layer": layer, "rel_err_mean": float(np.nanmean(rel)),
                                          "kl_mean": float(kl[(name, v, layer + 1)].mean()), "rho": rho.rho,
                                          "rho_ci_low": rho.ci_low, "rho_ci_high": rho.ci_high})
     return out

@@ -12,39 +12,31 @@ One row per (layer, test anchor). Columns (all 1-D numpy arrays of equal length)
   singular vectors of the local map (a random vector gets k/d);
 * with the MLP comparison, ``rel_err_mlp`` and ``kl_mlp``.
 
-Saved as a folder: ``result.json`` (settings and summaries), ``anchors.npz`` (the arrays) and
-``anchors.csv`` (the same, for spreadsheets), each written atomically.
+Saved as a checked folder (:mod:`toolkit.persist`): ``result.json`` (settings, summaries, versions,
+checksums), ``anchors.npz`` (the arrays) and ``anchors.csv`` (the same, for spreadsheets), swapped
+in as a whole.
 
 Example:
     >>> result = decompose(model, "wikitext-test", layers=[10])      # doctest: +SKIP
-    >>> result.save("runs/smollm2"); DecompositionResult.load("runs/smollm2").layer_summary  # doctest: +SKIP
+    >>> result.save("runs/smollm2"); toolkit.load("runs/smollm2").layer_summary  # doctest: +SKIP
 """
 from __future__ import annotations
 
 import csv
 import io
-import json
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from toolkit.decompose.statistics import mean_rho_with_ci, regimes, spearman_with_ci
 from toolkit.decompose.views import DecompositionViews
+from toolkit.persist import Parts, SavedResult, read_npz
 
 KIND = "toolkit.decompose.DecompositionResult"
-VERSION = 1
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 @dataclass
-class DecompositionResult(DecompositionViews):
+class DecompositionResult(DecompositionViews, SavedResult):
     """Per-anchor measurements of a decomposition run, their summaries, and its settings.
 
     Views (figures, tables, the report) come from :class:`~toolkit.decompose.views.DecompositionViews`.
@@ -102,34 +94,25 @@ class DecompositionResult(DecompositionViews):
         if "rel_err_mlp" in a:
             self.regimes["mlp"] = regimes(a["rel_err_mlp"], a["kl_mlp"])
 
-    # ----- persistence -----------------------------------------------------------------
-    def save(self, folder: str | Path) -> Path:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+    # ----- persistence (toolkit.persist: .save(path), DecompositionResult.load(path)) -----------
+    KIND = KIND
+    NOUN = "decomposition result"
+
+    def _to_parts(self) -> Parts:
         buf = io.BytesIO()
         np.savez_compressed(buf, **self.anchors)
-        _atomic_write(folder / "anchors.npz", buf.getvalue())
         text = io.StringIO()
         writer = csv.writer(text)
         cols = list(self.anchors)
         writer.writerow(cols)
         writer.writerows(zip(*(self.anchors[c].tolist() for c in cols)))
-        _atomic_write(folder / "anchors.csv", text.getvalue().encode())
-        meta = {"kind": KIND, "version": VERSION, "settings": self.settings, "layer_summary": self.layer_summary,
-                "model_summary": self.model_summary, "regimes": self.regimes, "sweeps": self.sweeps}
-        _atomic_write(folder / "result.json", json.dumps(meta, indent=1).encode())  # last: marks completeness
-        return folder
+        return Parts(fields={"layer_summary": self.layer_summary, "model_summary": self.model_summary,
+                             "regimes": self.regimes, "sweeps": self.sweeps},
+                     files={"anchors.npz": buf.getvalue(), "anchors.csv": text.getvalue().encode()})
 
     @classmethod
-    def load(cls, folder: str | Path) -> "DecompositionResult":
-        folder = Path(folder)
-        try:
-            meta = json.loads((folder / "result.json").read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{folder} holds no decomposition result (no result.json).") from None
-        if meta.get("kind") != KIND:
-            raise ValueError(f"{folder}/result.json is a {meta.get('kind')!r}, not a decomposition result.")
-        with np.load(folder / "anchors.npz", allow_pickle=False) as z:
-            anchors = {k: z[k] for k in z.files}
-        return cls(settings=meta["settings"], anchors=anchors, layer_summary=meta["layer_summary"],
-                   model_summary=meta["model_summary"], regimes=meta["regimes"], sweeps=meta.get("sweeps", {}))
+    def _from_parts(cls, parts: Parts) -> "DecompositionResult":
+        f = parts.fields
+        npz = parts.files["anchors.npz"]
+        return cls(settings=f["settings"], anchors=read_npz(npz, npz.parent), layer_summary=f["layer_summary"],
+                   model_summary=f["model_summary"], regimes=f["regimes"], sweeps=f.get("sweeps", {}))

@@ -48,6 +48,7 @@ from toolkit.jacobian.targets import (SUBLAYER_OUTPUTS, TargetSpec, input_embedd
                                       states_function)
 from toolkit.metrics import require_eval_mode
 from toolkit.models.architectures import spec_for
+from toolkit.persist import Parts, SavedResult
 from toolkit.prompts import Prompt, single_sequence
 
 if TYPE_CHECKING:
@@ -61,7 +62,7 @@ JVP_COST = {"replay": 1.1, "ad": 2.2}
 
 
 @dataclass
-class LayerJacobians:
+class LayerJacobians(SavedResult):
     """Detached Jacobians of many targets of one prompt, w.r.t. ``h_0``, at one position.
 
     Fields:
@@ -101,6 +102,26 @@ class LayerJacobians:
     def figure(self, **kwargs):
         """The layerwise figure of :meth:`spectra` (Figure 6)."""
         return self.spectra(**kwargs).figure()
+
+    # ----- persistence (toolkit.persist: .save(path), LayerJacobians.load(path)) --------------
+    KIND = "toolkit.jacobian.LayerJacobians"
+    NOUN = "LayerJacobians"
+
+    def _to_parts(self) -> Parts:
+        targets, tensors = [], {}
+        for i, (name, r) in enumerate(self.results.items()):
+            part = r._to_parts()
+            targets.append({"name": name, "settings": r.settings, **part.fields})
+            tensors.update({f"{i}.{k}": t for k, t in part.tensors.items()})
+        return Parts(fields={"mode": self.mode, "targets": targets}, tensors=tensors)
+
+    @classmethod
+    def _from_parts(cls, parts: Parts) -> "LayerJacobians":
+        results = {}
+        for i, target in enumerate(parts.fields["targets"]):
+            own = {k[len(f"{i}."):]: t for k, t in parts.tensors.items() if k.startswith(f"{i}.")}
+            results[target["name"]] = DetachedJacobian._from_parts(Parts(fields=target, tensors=own))
+        return cls(results=results, mode=parts.fields["mode"], settings=parts.fields["settings"])
 
     def __repr__(self) -> str:
         return f"LayerJacobians(mode={self.mode!r}, n_targets={len(self.results)}, names={self.names[:4]}...)"

@@ -39,6 +39,7 @@ from torch import Tensor
 
 from toolkit.jacobian.freeze_rules import rule_for
 from toolkit.jacobian.result import DetachedJacobian
+from toolkit.persist import Parts, SavedResult
 
 Decoded = dict[str, Any]  # {"index", "value", "tokens", "token_ids", "scores"}
 
@@ -121,7 +122,7 @@ def _entries(decoded, indices: Sequence[int], values: Sequence[float]) -> list[D
 
 
 @dataclass
-class JacobianSVD:
+class JacobianSVD(SavedResult):
     """SVD and token decoding of a :class:`DetachedJacobian`, one entry per input position.
 
     Fields:
@@ -204,6 +205,21 @@ class JacobianSVD:
         if kind not in figures:
             raise ValueError(f"kind must be one of {sorted(figures)}, got {kind!r}.")
         return figures[kind](self, **kwargs)
+
+    # ----- persistence (toolkit.persist: .save(path), JacobianSVD.load(path)) -----------------
+    KIND = "toolkit.jacobian.JacobianSVD"
+    NOUN = "JacobianSVD"
+    _TENSORS = ("singular_values", "U", "V", "stable_rank")
+    _FIELDS = ("str_tokens", "left", "right", "rows", "cols")
+
+    def _to_parts(self) -> Parts:
+        return Parts(fields={n: getattr(self, n) for n in self._FIELDS},
+                     tensors={n: getattr(self, n) for n in self._TENSORS})
+
+    @classmethod
+    def _from_parts(cls, parts: Parts) -> "JacobianSVD":
+        return cls(**{n: parts.tensors[n] for n in cls._TENSORS}, **{n: parts.fields[n] for n in cls._FIELDS},
+                   settings=parts.fields["settings"])
 
     def __repr__(self) -> str:
         T = len(self.str_tokens)

@@ -7,7 +7,7 @@ Outputs in ``--out`` (default ``runs/jacobian``):
 
 * ``jacobian.json`` — reconstruction errors (detached and ordinary), stable ranks, singular
   values and decoded tokens per position;
-* ``detached_jacobian.pt`` — the :class:`~toolkit.jacobian.result.DetachedJacobian` (``.load``-able);
+* ``detached_jacobian/`` — the :class:`~toolkit.jacobian.result.DetachedJacobian` (``toolkit.load``-able);
 * ``report.html`` — one self-contained page with the figures.
 
 Example:
@@ -135,7 +135,7 @@ def run_jacobian(model, prompt: str = DEFAULT_PROMPT, target: str | int = "outpu
     det, ordinary = compute_pair(model, ids, target, chunk_size)
     timings = {"detached_and_ordinary_s": time.perf_counter() - t0}
     analysis = analyze_with_model(det, model, top_k=top_k, n_vectors=n_vectors)
-    det.save(out / "detached_jacobian.pt")
+    det.save(out / "detached_jacobian")
 
     summary = {"model": model.info.model_id, "backend": model.name, "prompt": prompt,
                "str_tokens": analysis.str_tokens, "target": target,

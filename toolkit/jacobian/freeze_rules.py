@@ -21,8 +21,10 @@ linear               modules that only add, project, reshape, embed or drop (in 
 ===================  ==========================================================================
 
 Rules are keyed by the exact class (a subclass may override ``forward``, so it must be
-registered on its own). :data:`RULES` covers the six supported HF families (Llama, Qwen3,
-Gemma3, GPT-2, GPT-NeoX, Mamba); :func:`rule_for` returns ``None`` for anything else, and
+registered on its own). :data:`RULES` covers the HF families of :mod:`toolkit.models.families`
+(Llama, Qwen3, Gemma 1/2/3, Mistral/Ministral, Phi 3, OLMo 2, SmolLM3, GPT-2, GPT-J, GPT-Neo,
+GPT-NeoX, Mamba); fused projections (GPT-2's ``c_attn``, Phi 3's ``qkv_proj`` and
+``gate_up_proj``) freeze only their q/k columns and their gate half; :func:`rule_for` returns ``None`` for anything else, and
 :mod:`toolkit.jacobian.freeze` stops with an error naming it.
 
 Each ``install`` function patches one module instance (an instance-level ``forward`` or a
@@ -45,12 +47,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import activations as hf_act
+from transformers.models.gemma import modeling_gemma as gemma
+from transformers.models.gemma2 import modeling_gemma2 as gemma2
 from transformers.models.gemma3 import modeling_gemma3 as gemma3
 from transformers.models.gpt2 import modeling_gpt2 as gpt2
+from transformers.models.gpt_neo import modeling_gpt_neo as gpt_neo
 from transformers.models.gpt_neox import modeling_gpt_neox as neox
+from transformers.models.gptj import modeling_gptj as gptj
 from transformers.models.llama import modeling_llama as llama
 from transformers.models.mamba import modeling_mamba as mamba
+from transformers.models.ministral import modeling_ministral as ministral
+from transformers.models.ministral3 import modeling_ministral3 as ministral3
+from transformers.models.mistral import modeling_mistral as mistral
+from transformers.models.olmo2 import modeling_olmo2 as olmo2
+from transformers.models.phi3 import modeling_phi3 as phi3
 from transformers.models.qwen3 import modeling_qwen3 as qwen3
+from transformers.models.smollm3 import modeling_smollm3 as smollm3
 from transformers.pytorch_utils import Conv1D
 
 from toolkit.jacobian.factors import FactorStore
@@ -129,6 +141,16 @@ def _install_rmsnorm(m: nn.Module, path: str, store: FactorStore) -> list[Undo]:
         h = hidden_states.to(torch.float32)
         scale = store.get(f"{path}:scale", lambda: torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + m.variance_epsilon))
         return m.weight * (h * scale).to(dtype)
+    return [swap_forward(m, forward)]
+
+
+def _install_rmsnorm_weight_first(m: nn.Module, path: str, store: FactorStore) -> list[Undo]:
+    # OLMo 2 form: (w * (x.float() * rsqrt(...))).to(dtype): the weight multiplies before the cast back.
+    def forward(hidden_states: Tensor) -> Tensor:
+        dtype = hidden_states.dtype
+        h = hidden_states.to(torch.float32)
+        scale = store.get(f"{path}:scale", lambda: torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + m.variance_epsilon))
+        return (m.weight * (h * scale)).to(dtype)
     return [swap_forward(m, forward)]
 
 
@@ -221,6 +243,17 @@ def _install_gated_mlp(m: nn.Module, path: str, store: FactorStore) -> list[Undo
     return [swap_forward(m, forward)]
 
 
+def _install_fused_gated_mlp(m: nn.Module, path: str, store: FactorStore) -> list[Undo]:
+    # Phi 3 / Phi 4: one gate_up_proj whose first half is the gate; the factor is act(gate) as above.
+    act = m.activation_fn
+    activation_gate(act)
+
+    def forward(hidden_states: Tensor) -> Tensor:
+        gate, up = m.gate_up_proj(hidden_states).chunk(2, dim=-1)
+        return m.down_proj(up * store.get(f"{path}:gate", lambda: type(act).forward(act, gate)))
+    return [swap_forward(m, forward)]
+
+
 # ----- attention: detach queries and keys at their projections -------------------------------
 def _batch_like(factor: Tensor, live: Tensor) -> Tensor:
     """A replayed factor recorded for one sequence, broadcast to a live batch of sequences.
@@ -254,15 +287,24 @@ def _install_separate_qk(m: nn.Module, path: str, store: FactorStore) -> list[Un
     return undos
 
 
+def _detach_leading_columns(proj: nn.Module, width: int, key: str, store: FactorStore) -> Undo:
+    """A fused ``[q | k | v]`` projection: its first ``width`` output columns (q and k) become the factor."""
+    def detach_qk(out: Tensor) -> Tensor:
+        qk = _batch_like(store.get(key, lambda: out[..., :width]), out[..., :width])
+        return torch.cat([qk, out[..., width:]], dim=-1)
+    return _hook_output(proj, detach_qk)
+
+
 def _install_gpt2_attention(m: nn.Module, path: str, store: FactorStore) -> list[Undo]:
     if m.is_cross_attention:
         raise FreezeError(f"{path}: GPT-2 cross-attention has no freeze rule (only causal self-attention).")
-    d = m.split_size
+    return [_detach_leading_columns(m.c_attn, 2 * m.split_size, f"{path}:qk", store)]  # c_attn: [q | k | v]
 
-    def detach_qk(out: Tensor) -> Tensor:  # c_attn output is [q | k | v] along the last dim
-        qk = _batch_like(store.get(f"{path}:qk", lambda: out[..., : 2 * d]), out[..., : 2 * d])
-        return torch.cat([qk, out[..., 2 * d:]], dim=-1)
-    return [_hook_output(m.c_attn, detach_qk)]
+
+def _install_phi3_attention(m: nn.Module, path: str, store: FactorStore) -> list[Undo]:
+    # qkv_proj: [q (n_heads * head_dim) | k (n_kv_heads * head_dim) | v], as Phi3Attention.forward slices it.
+    width = (m.config.num_attention_heads + m.num_key_value_heads) * m.head_dim
+    return [_detach_leading_columns(m.qkv_proj, width, f"{path}:qk", store)]
 
 
 def _install_neox_attention(m: nn.Module, path: str, store: FactorStore) -> list[Undo]:
@@ -325,23 +367,32 @@ def _rules() -> dict[type, Rule]:
     def weight(m: nn.Module) -> Tensor | None:
         return m.weight
 
-    add([llama.LlamaRMSNorm, qwen3.Qwen3RMSNorm, mamba.MambaRMSNorm], "norm", _install_rmsnorm,
-        "w * x * [rsqrt(mean(x^2)+eps)]", weight)
-    add([gemma3.Gemma3RMSNorm], "norm", _install_gemma_rmsnorm, "(1+w) * x * [rsqrt(mean(x^2)+eps)]",
-        lambda m: 1.0 + m.weight)
+    add([llama.LlamaRMSNorm, qwen3.Qwen3RMSNorm, mamba.MambaRMSNorm, mistral.MistralRMSNorm,
+         ministral.MinistralRMSNorm, ministral3.Ministral3RMSNorm, phi3.Phi3RMSNorm, smollm3.SmolLM3RMSNorm],
+        "norm", _install_rmsnorm, "w * x * [rsqrt(mean(x^2)+eps)]", weight)
+    # OLMo 2 also norms the flattened q and k (QK-norm: inside the detached pattern) and each sublayer's output
+    add([olmo2.Olmo2RMSNorm], "norm", _install_rmsnorm_weight_first, "w * x * [rsqrt(mean(x^2)+eps)]", weight)
+    add([gemma3.Gemma3RMSNorm, gemma2.Gemma2RMSNorm, gemma.GemmaRMSNorm], "norm", _install_gemma_rmsnorm,
+        "(1+w) * x * [rsqrt(mean(x^2)+eps)]", lambda m: 1.0 + m.weight)
     add([nn.LayerNorm], "norm", _install_layernorm, "(x-mean) * [rsqrt(var+eps)] * w + b", weight)
     add(list(ACTIVATION_GATES), "activation", _install_activation, "x * [act(x)/x]")
-    add([llama.LlamaMLP, qwen3.Qwen3MLP, gemma3.Gemma3MLP], "gated_mlp", _install_gated_mlp,
-        "down([act(gate(x))] * up(x))")
-    add([llama.LlamaAttention, qwen3.Qwen3Attention, gemma3.Gemma3Attention], "attention", _install_separate_qk,
-        "[q_proj], [k_proj]: constant pattern, V->O linear")
+    add([llama.LlamaMLP, qwen3.Qwen3MLP, gemma3.Gemma3MLP, mistral.MistralMLP, ministral.MinistralMLP,
+         ministral3.Ministral3MLP, olmo2.Olmo2MLP, gemma2.Gemma2MLP, smollm3.SmolLM3MLP, gemma.GemmaMLP],
+        "gated_mlp", _install_gated_mlp, "down([act(gate(x))] * up(x))")
+    add([phi3.Phi3MLP], "gated_mlp", _install_fused_gated_mlp, "down(up * [act(gate)]), [gate | up] = gate_up_proj(x)")
+    # Gemma 2's attention-logit softcap, sliding windows, Ministral 3's position scale of q: all in the constant pattern
+    add([llama.LlamaAttention, qwen3.Qwen3Attention, gemma3.Gemma3Attention, mistral.MistralAttention,
+         ministral.MinistralAttention, ministral3.Ministral3Attention, olmo2.Olmo2Attention, gemma2.Gemma2Attention,
+         smollm3.SmolLM3Attention, gptj.GPTJAttention, gpt_neo.GPTNeoSelfAttention, gemma.GemmaAttention],
+        "attention", _install_separate_qk, "[q_proj], [k_proj]: constant pattern, V->O linear")
+    add([phi3.Phi3Attention], "attention", _install_phi3_attention, "[q|k] of qkv_proj: constant pattern")
     add([gpt2.GPT2Attention], "attention", _install_gpt2_attention, "[q|k] of c_attn: constant pattern")
     add([neox.GPTNeoXAttention], "attention", _install_neox_attention, "[q|k] per head of query_key_value")
     add([mamba.MambaMixer], "ssm_mixer", _install_mamba_mixer,
         "[Δ,B,C]=[x_proj(u)], u*[σ(u)], [silu(z)]: scan linear in u")
     # Linear once their children are frozen (checked against the transformers 5.23 modeling code):
     # residual adds, projections, embeddings, rotary tables (positions only), dropout (identity in eval),
-    # containers. Gemma3ForCausalLM's final logit softcap acts on logits, outside the Jacobian's y.
+    # containers. Gemma 2/3's final logit softcap acts on logits, outside the Jacobian's y.
     add([nn.Linear, Conv1D, nn.Conv1d, nn.Embedding, nn.Dropout, nn.ModuleList, nn.Identity,
          gemma3.Gemma3TextScaledWordEmbedding,
          llama.LlamaRotaryEmbedding, qwen3.Qwen3RotaryEmbedding, gemma3.Gemma3RotaryEmbedding,
@@ -352,6 +403,21 @@ def _rules() -> dict[type, Rule]:
          mamba.MambaModel,
          llama.LlamaForCausalLM, qwen3.Qwen3ForCausalLM, gemma3.Gemma3ForCausalLM, gpt2.GPT2LMHeadModel,
          neox.GPTNeoXForCausalLM, mamba.MambaForCausalLM],
+        "linear", None, "affine given frozen children")
+    add([gemma2.Gemma2TextScaledWordEmbedding, gpt_neo.GPTNeoAttention,  # GPTNeoAttention only dispatches
+         mistral.MistralRotaryEmbedding, ministral.MinistralRotaryEmbedding, ministral3.Ministral3RotaryEmbedding,
+         phi3.Phi3RotaryEmbedding, olmo2.Olmo2RotaryEmbedding, gemma2.Gemma2RotaryEmbedding,
+         smollm3.SmolLM3RotaryEmbedding,
+         mistral.MistralDecoderLayer, ministral.MinistralDecoderLayer, ministral3.Ministral3DecoderLayer,
+         phi3.Phi3DecoderLayer, olmo2.Olmo2DecoderLayer, gemma2.Gemma2DecoderLayer, smollm3.SmolLM3DecoderLayer,
+         gptj.GPTJBlock, gptj.GPTJMLP, gpt_neo.GPTNeoBlock, gpt_neo.GPTNeoMLP,
+         mistral.MistralModel, ministral.MinistralModel, ministral3.Ministral3Model, phi3.Phi3Model,
+         olmo2.Olmo2Model, gemma2.Gemma2Model, smollm3.SmolLM3Model, gptj.GPTJModel, gpt_neo.GPTNeoModel,
+         mistral.MistralForCausalLM, ministral.MinistralForCausalLM, ministral3.Ministral3ForCausalLM,
+         phi3.Phi3ForCausalLM, olmo2.Olmo2ForCausalLM, gemma2.Gemma2ForCausalLM, smollm3.SmolLM3ForCausalLM,
+         gptj.GPTJForCausalLM, gpt_neo.GPTNeoForCausalLM,
+         gemma.GemmaTextScaledWordEmbedding, gemma.GemmaRotaryEmbedding, gemma.GemmaDecoderLayer, gemma.GemmaModel,
+         gemma.GemmaForCausalLM],
         "linear", None, "affine given frozen children")
     return table
 

@@ -36,12 +36,13 @@ import torch
 from torch import Tensor
 
 from toolkit.jacobian.result import DetachedJacobian
+from toolkit.persist import Parts, SavedResult
 
 Block = Union[str, int]
 
 
 @dataclass
-class LayerwiseSpectra:
+class LayerwiseSpectra(SavedResult):
     """Per-target spectra and their summaries; see the module docstring.
 
     Fields:
@@ -112,6 +113,21 @@ class LayerwiseSpectra:
         """
         from toolkit.plots.jacobian import layerwise_figure
         return layerwise_figure(self, max_rank=max_rank)
+
+    # ----- persistence (toolkit.persist: .save(path), LayerwiseSpectra.load(path)) ------------
+    KIND = "toolkit.jacobian.LayerwiseSpectra"
+    NOUN = "LayerwiseSpectra"
+    _TENSORS = ("singular_values", "stable_rank", "energy_rank", "overlap_left", "overlap_right")
+    _FIELDS = ("names", "kinds", "layers")
+
+    def _to_parts(self) -> Parts:
+        return Parts(fields={n: getattr(self, n) for n in self._FIELDS},
+                     tensors={n: getattr(self, n) for n in self._TENSORS})
+
+    @classmethod
+    def _from_parts(cls, parts: Parts) -> "LayerwiseSpectra":
+        return cls(**{n: parts.tensors[n] for n in cls._TENSORS}, **{n: parts.fields[n] for n in cls._FIELDS},
+                   settings=parts.fields["settings"])
 
     def __repr__(self) -> str:
         return (f"LayerwiseSpectra(n_targets={len(self.names)}, kinds={sorted(set(self.kinds))}, "

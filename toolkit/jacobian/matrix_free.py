@@ -47,12 +47,13 @@ from toolkit.jacobian.operator import FrozenOperator, frozen_operator
 from toolkit.jacobian.targets import Target, resolve_target, state_function, target_input
 from toolkit.metrics import require_eval_mode
 from toolkit.prompts import Prompt, single_sequence
+from toolkit.persist import Parts, SavedResult
 
 MatVec = Callable[[Tensor], Tensor]
 
 
 @dataclass
-class TopSVD:
+class TopSVD(SavedResult):
     """Top-``k`` singular triplets of a Jacobian, ``J ≈ U diag(S) V^T`` on its top-``k`` part.
 
     Fields:
@@ -95,6 +96,21 @@ class TopSVD:
         target = self.settings.get("target", "")
         return finish(fig, f"Top-{len(self.singular_values)} singular values, matrix-free ({target})",
                       "index", "singular value")
+
+    # ----- persistence (toolkit.persist: .save(path), TopSVD.load(path)) ----------------------
+    KIND = "toolkit.jacobian.TopSVD"
+    NOUN = "TopSVD"
+    _TENSORS = ("singular_values", "U", "V")
+    _FIELDS = ("n_jvp", "n_vjp", "n_blocks", "converged")
+
+    def _to_parts(self) -> Parts:
+        return Parts(fields={n: getattr(self, n) for n in self._FIELDS},
+                     tensors={n: getattr(self, n) for n in self._TENSORS})
+
+    @classmethod
+    def _from_parts(cls, parts: Parts) -> "TopSVD":
+        return cls(**{n: parts.tensors[n] for n in cls._TENSORS}, **{n: parts.fields[n] for n in cls._FIELDS},
+                   settings=parts.fields["settings"])
 
     def __repr__(self) -> str:
         s = ", ".join(f"{float(v):.4g}" for v in self.singular_values[:4])

@@ -1,4 +1,5 @@
-"""The result of a Jacobian computation: a plain dataclass, saved and loaded with its metadata.
+"""The result of a Jacobian computation: a plain dataclass, saved and loaded as a checked folder
+(:mod:`toolkit.persist`: ``result.json`` with the settings and versions, ``tensors.safetensors``).
 
 Example:
     >>> import torch
@@ -10,7 +11,6 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -18,16 +18,17 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from toolkit.metrics import relative_error
+from toolkit.persist import Parts, SavedResult
 
 if TYPE_CHECKING:
     from toolkit.jacobian.analysis import JacobianSVD
 
 KIND = "toolkit.jacobian.DetachedJacobian"
-VERSION = 1
+_TENSORS = ("jacobian", "y", "x", "c", "token_ids")
 
 
 @dataclass
-class DetachedJacobian:
+class DetachedJacobian(SavedResult):
     """``y = sum_i J_i x_i + c`` for one prompt.
 
     Fields:
@@ -88,34 +89,18 @@ class DetachedJacobian:
         """
         return torch.einsum("toi,ti->to", self.jacobian, self.x)
 
-    def save(self, path: str | Path) -> Path:
-        """Write a ``torch.save`` file with the tensors and metadata; returns the path.
+    # ----- persistence (toolkit.persist: .save(path), DetachedJacobian.load(path)) -------------
+    KIND = KIND
+    NOUN = "DetachedJacobian"
 
-        Example:
-            >>> r.save("/tmp/jac.pt")                             # doctest: +SKIP
-        """
-        path = Path(path)
-        torch.save({"kind": KIND, "version": VERSION, "jacobian": self.jacobian.cpu(), "y": self.y.cpu(),
-                    "x": self.x.cpu(), "c": self.c.cpu(), "token_ids": self.token_ids.cpu(),
-                    "settings": dict(self.settings), "reconstruction_error": self.reconstruction_error}, path)
-        return path
+    def _to_parts(self) -> Parts:
+        return Parts(fields={"reconstruction_error": self.reconstruction_error},
+                     tensors={name: getattr(self, name) for name in _TENSORS})
 
     @classmethod
-    def load(cls, path: str | Path) -> "DetachedJacobian":
-        """Read a file written by :meth:`save`; refuse files of another kind with a clear error.
-
-        Example:
-            >>> DetachedJacobian.load("/tmp/jac.pt")              # doctest: +SKIP
-        """
-        data = torch.load(Path(path), map_location="cpu", weights_only=True)
-        kind = data.get("kind") if isinstance(data, dict) else None
-        if kind != KIND:
-            raise ValueError(f"{path} is not a saved DetachedJacobian (found kind {kind!r}, expected {KIND!r}).")
-        if data.get("version") != VERSION:
-            raise ValueError(f"{path} was saved with DetachedJacobian format version {data.get('version')!r}; "
-                             f"this toolkit reads version {VERSION}.")
-        return cls(jacobian=data["jacobian"], y=data["y"], x=data["x"], c=data["c"], token_ids=data["token_ids"],
-                   settings=data["settings"], reconstruction_error=data["reconstruction_error"])
+    def _from_parts(cls, parts: Parts) -> "DetachedJacobian":
+        return cls(**{name: parts.tensors[name] for name in _TENSORS}, settings=parts.fields["settings"],
+                   reconstruction_error=parts.fields["reconstruction_error"])
 
     def svd(self, model: Any, *, top_k: int = 5, n_vectors: int = 3, n_rows: int = 3) -> "JacobianSVD":
         """SVD of each ``J_i`` decoded to tokens with ``model``'s vocabulary (:mod:`toolkit.jacobian.analysis`).

@@ -5,7 +5,7 @@
 
 Outputs in ``--out`` (default ``runs/steer``):
 
-* ``steering.json`` — the result (``SteeringResult.load``-able): both continuations per
+* ``steering/`` — the result (``toolkit.load``-able): both continuations per
   ``(layer, λ)``, token ids, tracked-token log-probabilities per step, settings;
 * ``report.html`` — one self-contained page: the λ × layer comparison figure and a table.
 
@@ -109,7 +109,7 @@ def default_layer(n_layers: int) -> int:
 def run_steer(model, concept: str = DEFAULT_CONCEPT, prompt: str = DEFAULT_PROMPT, layers: Sequence[int] | None = None,
               lams: Sequence[float] = (1.0,), max_new_tokens: int = 20, operator: str = "sum",
               track: Sequence[str] | None = None, use_cache: bool = True, out: str | Path = "runs/steer"):
-    """Steer, then write ``steering.json`` and ``report.html`` into ``out``; returns the result.
+    """Steer, then write ``steering/`` (the saved result) and ``report.html`` into ``out``; returns the result.
 
     Example:
         >>> result = run_steer(toolkit.load_model(), lams=[0.5, 1], out="/tmp/steer")   # doctest: +SKIP
@@ -123,7 +123,7 @@ def run_steer(model, concept: str = DEFAULT_CONCEPT, prompt: str = DEFAULT_PROMP
     layers = list(layers) if layers else [default_layer(model.n_layers)]
     result = steering_sweep(model, concept, prompt, layers, list(lams), max_new_tokens, operator=operator,
                             concept_tokens=track or None, use_cache=use_cache)
-    result.save(out / "steering.json")
+    result.save(out / "steering")
     s = result.settings
     rows = [{k: (f"{v:+.3f}" if k.startswith("d log") else v) for k, v in row.items()} for row in result.rows()]
     sections = [
@@ -177,5 +177,5 @@ def cmd_steer(args: argparse.Namespace) -> int:
                        max_new_tokens=args.max_new_tokens, operator=args.operator, track=args.track,
                        use_cache=not args.no_cache, out=args.out)
     print(format_summary(result))
-    print(f"wrote {Path(args.out) / 'steering.json'}, {Path(args.out) / 'report.html'}")
+    print(f"wrote {Path(args.out) / 'steering'}, {Path(args.out) / 'report.html'}")
     return 0

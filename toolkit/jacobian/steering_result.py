@@ -1,4 +1,5 @@
-"""Results of steering with the detached Jacobian: plain dataclasses, saved and loaded as JSON.
+"""Results of steering with the detached Jacobian: plain dataclasses, saved and loaded as a checked
+folder (:mod:`toolkit.persist`; everything in ``result.json``).
 
 A :class:`SteeringResult` holds one concept prompt, one new prompt, the unsteered (baseline)
 greedy continuation and one :class:`SteeringRun` per ``(layer, lam)``; each run keeps its
@@ -19,12 +20,11 @@ Example:
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
+
+from toolkit.persist import Parts, SavedResult
 
 KIND = "toolkit.jacobian.SteeringResult"
 VERSION = 1
@@ -82,7 +82,7 @@ class SteeringRun:
 
 
 @dataclass
-class SteeringResult:
+class SteeringResult(SavedResult):
     """Unsteered and steered continuations of ``prompt`` for a concept prompt (see module docstring).
 
     ``settings`` records how the runs were made (model, backend, operator, concept position,
@@ -184,32 +184,16 @@ class SteeringResult:
                    tracked_tokens=data["tracked_tokens"], baseline=SteeringRun(**data["baseline"]),
                    runs=[SteeringRun(**r) for r in data["runs"]], settings=data.get("settings", {}))
 
-    def save(self, path: str | Path) -> Path:
-        """Write JSON atomically; returns the path.
+    KIND = KIND
+    NOUN = "SteeringResult"
 
-        Example:
-            >>> result.save("runs/steer/steering.json")              # doctest: +SKIP
-        """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1), encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+    def _to_parts(self) -> Parts:
+        data = self.to_dict()
+        return Parts(fields={k: v for k, v in data.items() if k not in ("kind", "version", "settings")})
 
     @classmethod
-    def load(cls, path: str | Path) -> "SteeringResult":
-        """Read a file written by :meth:`save`.
-
-        Example:
-            >>> SteeringResult.load("runs/steer/steering.json").steered.text   # doctest: +SKIP
-        """
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not a JSON file written by SteeringResult.save ({err}).") from None
-        return cls.from_dict(data)
+    def _from_parts(cls, parts: Parts) -> "SteeringResult":
+        return cls.from_dict({**parts.fields, "kind": KIND, "version": VERSION})
 
     def __repr__(self) -> str:
         return (f"SteeringResult(concept={self.concept_prompt!r}, prompt={self.prompt!r}, layers={self.layers}, "

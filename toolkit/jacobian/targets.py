@@ -13,9 +13,9 @@ spelling                  ``y``                                                 
 ``"output"``              the final-norm state (the paper's output embedding)        ``h_0``
 ``"resid.l"``             the residual stream ``h_l`` at boundary ``l`` (0..L)         ``h_0``
 ``"attn.l"``              block ``l``'s attention output, as added to the residual   ``h_0``
-                          stream (Gemma 3: after its post-attention norm)
+                          stream (Gemma 2/3, OLMo 2: after their post-norm)
 ``"mlp.l"``               block ``l``'s MLP output, as added to the residual stream   ``h_0``
-                          (Gemma 3: after its post-feedforward norm)
+                          (Gemma 2/3, OLMo 2: after its post-feedforward norm)
 ``"block.l"``             ``h_{l+1}``: block ``l``'s own transform ``h_l -> h_{l+1}``,  ``h_l``
                           cross-token attention included: ``J_i = dh_{l+1}[pos]/dh_l[i]``
 ========================  ========================================================  ==========
@@ -67,6 +67,12 @@ SUBLAYER_OUTPUTS: dict[str, dict[str, str]] = {
     "gpt2": {"attn": "attn", "mlp": "mlp"},
     "gpt_neox": {"attn": "post_attention_dropout", "mlp": "post_mlp_dropout"},
     "mamba": {},
+    "gemma2": {"attn": "post_attention_layernorm", "mlp": "post_feedforward_layernorm"},
+    "olmo2": {"attn": "post_attention_layernorm", "mlp": "post_feedforward_layernorm"},
+    **{f: {"attn": "self_attn", "mlp": "mlp"} for f in ("mistral", "ministral", "ministral3", "smollm3", "gemma")},
+    "phi3": {"attn": "resid_attn_dropout", "mlp": "resid_mlp_dropout"},
+    "gptj": {"attn": "attn", "mlp": "mlp"},  # parallel block: h + attn(ln_1(h)) + mlp(ln_1(h))
+    "gpt_neo": {"attn": "attn", "mlp": "mlp"},
 }
 COMPONENT_KINDS = ("attn", "mlp", "block")
 # Older spellings of a kind, accepted and normalised.
@@ -76,7 +82,7 @@ _TL_HOOKS = {"hook_resid_pre": ("resid", 0), "hook_resid_post": ("resid", 1), "h
              "hook_mlp_out": ("mlp", 0)}
 _TL_OUTPUT = ("ln_final.hook_normalized", "ln_final.hook_out")
 # Learned absolute position embeddings, attribute of the base model: part of x = h_0, not of the map.
-POSITION_EMBEDDINGS = {"gpt2": "wpe"}
+POSITION_EMBEDDINGS = {"gpt2": "wpe", "gpt_neo": "wpe"}
 
 
 @dataclass(frozen=True)

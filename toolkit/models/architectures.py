@@ -25,6 +25,8 @@ class ArchitectureSpec:
     norm_attr: str            # attribute of the base model holding the final norm
     tl_backend_default: bool  # TransformerLens serves it by default (GPT-2, Pythia); else nnsight
     positions_attr: str | None = None  # learned position embedding added to the token embeddings (GPT-2)
+    block_returns_tuple: bool = False  # blocks return (hidden, attention weights) (GPT-J, GPT-Neo)
+    window_attr: str = "sliding_window"  # config attribute of the local-attention window, if any
 
     def base(self, hf_model: nn.Module) -> nn.Module:
         return getattr(hf_model, self.base_attr)
@@ -43,7 +45,18 @@ class ArchitectureSpec:
 SPECS: tuple[ArchitectureSpec, ...] = (
     ArchitectureSpec("llama", ("llama",), "model", "layers", "norm", False),
     ArchitectureSpec("qwen3", ("qwen3", "qwen2"), "model", "layers", "norm", False),
-    ArchitectureSpec("gemma3", ("gemma3_text", "gemma3", "gemma2", "gemma"), "model", "layers", "norm", False),
+    ArchitectureSpec("gemma3", ("gemma3_text", "gemma3"), "model", "layers", "norm", False),
+    ArchitectureSpec("gemma", ("gemma",), "model", "layers", "norm", False),
+    ArchitectureSpec("gemma2", ("gemma2",), "model", "layers", "norm", False),
+    ArchitectureSpec("mistral", ("mistral",), "model", "layers", "norm", False),
+    ArchitectureSpec("ministral", ("ministral",), "model", "layers", "norm", False),
+    ArchitectureSpec("ministral3", ("ministral3",), "model", "layers", "norm", False),
+    ArchitectureSpec("phi3", ("phi3",), "model", "layers", "norm", False),
+    ArchitectureSpec("olmo2", ("olmo2",), "model", "layers", "norm", False),
+    ArchitectureSpec("smollm3", ("smollm3",), "model", "layers", "norm", False),
+    ArchitectureSpec("gptj", ("gptj",), "transformer", "h", "ln_f", False, block_returns_tuple=True),
+    ArchitectureSpec("gpt_neo", ("gpt_neo",), "transformer", "h", "ln_f", False, positions_attr="wpe",
+                     block_returns_tuple=True, window_attr="window_size"),  # local layers: a window_size mask
     ArchitectureSpec("gpt2", ("gpt2",), "transformer", "h", "ln_f", True, positions_attr="wpe"),
     ArchitectureSpec("gpt_neox", ("gpt_neox",), "gpt_neox", "layers", "final_layer_norm", True),
     ArchitectureSpec("mamba", ("mamba",), "backbone", "layers", "norm_f", False),
