@@ -19,7 +19,7 @@ from pathlib import Path
 from toolkit.cli._args import add_model_args, load_model
 from toolkit.jacobian.run import DEFAULT_PROMPT
 
-_COMPONENTS = ("attn", "mlp", "layer")
+_COMPONENTS = ("attn", "mlp", "layer", "block", "resid")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -35,13 +35,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the text whose last position is explained")
     p.add_argument("--layer", default="output",
-                   help="target: 'output' (final-norm state), a layer boundary 0..n_layers, or a component: "
-                        "'attn.l' / 'mlp.l' (block l's sublayer output), 'layer.l' (block l's own h_l -> h_{l+1})")
+                   help="target: 'output' (final-norm state), a boundary 'resid.l' (or the int l, 0..n_layers), or a "
+                        "component: 'attn.l' / 'mlp.l' (block l's sublayer output), 'block.l' (block l's own "
+                        "h_l -> h_{l+1}); TransformerLens hook names work too")
     p.add_argument("--top-k", type=int, default=5, help="decoded tokens per singular vector")
     p.add_argument("--n-vectors", type=int, default=3, help="singular vectors decoded per position")
     p.add_argument("--chunk-size", type=int, default=64, help="Jacobian rows per backward pass")
     p.add_argument("--out", default="runs/jacobian", help="output folder")
-    p.set_defaults(func=run)
+    route = p.add_mutually_exclusive_group()
+    route.add_argument("--full", dest="route", action="store_const", const="full",
+                       help="always form the dense Jacobian (refused if it would not fit in memory)")
+    route.add_argument("--matrix-free", dest="route", action="store_const", const="matrix-free",
+                       help="top-k SVD of the whole-prompt map without forming it (default for long prompts)")
+    p.set_defaults(func=run, route="auto")
     return p
 
 
@@ -59,6 +65,8 @@ def parse_target(layer: str | int) -> str | int:
     text = str(layer).strip().lower()
     if text in ("output", "out", "final"):
         return "output"
+    if text.startswith("blocks.") or text.startswith("ln_final."):  # a TransformerLens hook name
+        return str(layer).strip()
     kind, _, index = text.partition(".")
     if kind in _COMPONENTS and index.isdigit():
         return f"{kind}.{int(index)}"
@@ -73,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     check_jacobian_settings(top_k=args.top_k, n_vectors=args.n_vectors, chunk_size=args.chunk_size)
     model = load_model(args)
     summary = run_jacobian(model, prompt=args.prompt, target=target, top_k=args.top_k, n_vectors=args.n_vectors,
-                           chunk_size=args.chunk_size, out=args.out)
+                           chunk_size=args.chunk_size, out=args.out, route=args.route)
     print(format_summary(summary))
-    print(f"wrote {Path(args.out) / 'jacobian.json'}, {Path(args.out) / 'report.html'}")
+    written = ["jacobian.json"] + ([] if summary.get("route") == "matrix-free" else ["report.html"])
+    print("wrote " + ", ".join(str(Path(args.out) / name) for name in written))
     return 0

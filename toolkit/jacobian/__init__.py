@@ -18,7 +18,11 @@
 * :mod:`~toolkit.jacobian.operator` — the frozen Jacobian as a matrix-free operator (batched JVPs / VJPs);
 * :mod:`~toolkit.jacobian.matrix_free` — top-k SVD without forming ``J`` (``jacobian_svd``);
 * :mod:`~toolkit.jacobian.all_layers` — every layer's Jacobian from one forward sweep or per-layer VJPs;
-* :mod:`~toolkit.jacobian.layerwise` — per-layer spectra, stable / energy rank, overlap with the last layer.
+* :mod:`~toolkit.jacobian.layerwise` — per-layer spectra, stable / energy rank, overlap with the last layer;
+* :mod:`~toolkit.jacobian.guards` — what the freeze cannot see (overrides, hooks) is refused; live-output and
+  reconstruction checks against dtype bounds;
+* :mod:`~toolkit.jacobian.budget` — time and memory of a dense Jacobian, estimated and refused before any work;
+* :mod:`~toolkit.jacobian.long_prompt` — dense or matrix-free route for a prompt (the CLI's choice).
 * :mod:`~toolkit.jacobian.audit` — ``check_freeze(model)``: every module's rule and the exactness checks
   on a probe prompt (``python -m toolkit check-freeze MODEL``).
 
@@ -58,3 +62,10 @@ __all__ += ["all_layer_jacobians", "LayerJacobians", "layerwise_spectra", "Layer
 from toolkit.jacobian.audit import FreezeAudit, check_freeze  # noqa: E402
 
 __all__ += ["check_freeze", "FreezeAudit"]
+
+from toolkit.jacobian.budget import JacobianEstimate, JacobianTooLargeError, check_fits, estimate_jacobian  # noqa: E402
+from toolkit.jacobian.guards import (FreezeCheckError, FreezeWarning, LiveModelError, affine_hook,  # noqa: E402
+                                     inspect_model)
+
+__all__ += ["estimate_jacobian", "check_fits", "JacobianEstimate", "JacobianTooLargeError", "inspect_model",
+            "affine_hook", "LiveModelError", "FreezeCheckError", "FreezeWarning"]

@@ -37,7 +37,9 @@ import torch
 from torch import Tensor, nn
 
 from toolkit.backends import hf_model_of
+from toolkit.jacobian.budget import check_fits
 from toolkit.jacobian.compute import build_result
+from toolkit.jacobian.guards import Checks
 from toolkit.jacobian.freeze import detached as frozen
 from toolkit.jacobian.freeze import eager_attention
 from toolkit.jacobian.operator import basis, batched_jvp, batched_replay, batched_vjp, jacobian_by_rows
@@ -180,7 +182,8 @@ def choose_mode(n_positions: int, depths: list[float],
 
 def all_layer_jacobians(model: Any, prompt: Prompt, *, position: int = -1,
                         components: Iterable[str] = ("resid",), output: bool = True, mode: AllMode = "auto",
-                        detached: bool = True, chunk_size: int = 64, model_id: str | None = None) -> LayerJacobians:
+                        detached: bool = True, chunk_size: int = 64, model_id: str | None = None,
+                        strict: bool = True, memory_budget: int | None = None) -> LayerJacobians:
     """Jacobians ``dy_t/dh_0`` of every layer target ``t`` at ``position``, by one forward sweep or per-layer VJPs.
 
     Args:
@@ -193,6 +196,11 @@ def all_layer_jacobians(model: Any, prompt: Prompt, *, position: int = -1,
             target) or ``"auto"`` (the cheaper by :func:`choose_mode`).
         detached: ``False`` for ordinary Jacobians (then ``c`` is the plain model at zero).
         chunk_size: JVPs or VJPs per batched pass.
+        strict: as in :func:`~toolkit.jacobian.compute.detached_jacobian`: the model must run nothing
+            the freeze cannot see, every frozen target must equal the live model's, and every
+            reconstruction must meet the dtype's bound; ``False`` records warnings instead.
+        memory_budget: bytes allowed (default: available now); all the Jacobians that would not fit
+            are refused before any work (:func:`toolkit.jacobian.budget.check_fits`).
 
     Example:
         >>> import torch
@@ -214,6 +222,7 @@ def all_layer_jacobians(model: Any, prompt: Prompt, *, position: int = -1,
         raise ValueError("no targets: give at least one component or output=True.")
     n_layers = len(spec_for(hf_model).blocks(hf_model))
     specs = [resolve_target(hf_model, n) for n in names]
+    check_fits(hf_model, ids.numel(), chunk_size=chunk_size, n_targets=len(names), memory_budget=memory_budget)
     x = input_embeddings(hf_model, ids)
     T, d = x.shape
     has_bias = any(name.endswith("bias") for name, _ in hf_model.named_parameters())
@@ -221,13 +230,20 @@ def all_layer_jacobians(model: Any, prompt: Prompt, *, position: int = -1,
     chosen, costs = choose_mode(T, [_depth(s, n_layers) for s in specs], JVP_COST[route])
     mode = chosen if mode == "auto" else mode
     f = states_function(hf_model, names, position=position)
+    checks = Checks(strict=strict, dtype=x.dtype)
+    if detached:
+        with torch.no_grad():  # every target as the live model computes it (hooks and overrides included)
+            ys_live = f(x)
 
     undo_eager = [] if detached else eager_attention(hf_model)
     try:
-        with (frozen(hf_model) if detached else _null()) as freeze:
+        with (frozen(hf_model, checks=checks) if detached else _null()) as freeze:
             xg = x.clone().requires_grad_(mode == "reverse")
             with freeze.recording(), torch.set_grad_enabled(mode == "reverse"):
                 ys = f(xg)
+            if detached:
+                checks.compare_live(torch.cat([y.reshape(-1) for y in ys]),
+                                    torch.cat([y.reshape(-1) for y in ys_live]))
             with freeze.replaying():
                 with torch.no_grad():
                     cs = f(torch.zeros_like(x))
@@ -255,7 +271,8 @@ def all_layer_jacobians(model: Any, prompt: Prompt, *, position: int = -1,
     for name, spec, y, jac, c in zip(names, specs, ys, jacs, cs):
         results[name] = build_result(hf_model, ids, x, y.detach(), jac, c.detach(),
                                      target=spec.name, position=position, detached=detached,
-                                     chunk_size=chunk_size, model_id=model_id, input="h_0", mode=mode)
+                                     chunk_size=chunk_size, model_id=model_id, checks=checks.copy(),
+                                     input="h_0", mode=mode)
     settings = {"position": results[names[0]].settings["position"], "components": list(components),
                 "output": output, "mode": mode, "auto_choice": chosen,
                 "n_tangents": T * d, "n_rows": d * len(names),

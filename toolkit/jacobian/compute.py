@@ -35,6 +35,7 @@ Example:
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
@@ -43,6 +44,8 @@ from torch import Tensor, nn
 from toolkit.metrics import require_eval_mode
 from toolkit.backends import hf_model_of, library_wrapper
 from toolkit.jacobian.freeze import detached as frozen
+from toolkit.jacobian.budget import JacobianEstimate, check_fits
+from toolkit.jacobian.guards import Checks
 from toolkit.jacobian.operator import Mode, batched_vjp, frozen_operator, jacobian_by_rows
 from toolkit.jacobian.result import DetachedJacobian
 from toolkit.jacobian.targets import (Target, TargetSpec, _as_ids, input_embeddings, resolve_target,
@@ -50,8 +53,10 @@ from toolkit.jacobian.targets import (Target, TargetSpec, _as_ids, input_embeddi
 from toolkit.models.architectures import spec_for
 from toolkit.prompts import Prompt, single_sequence
 
-__all__ = ["Target", "input_embeddings", "target_function", "model_target_function", "jacobian_rows", "linear_map", "detached_jacobian",
-           "jacobian_terms", "build_result", "ordinary_jacobian"]
+PROGRESS_AFTER_S = 5.0  # show a progress bar by default when the estimate exceeds this
+
+__all__ = ["Target", "input_embeddings", "target_function", "model_target_function", "jacobian_rows", "linear_map",
+           "detached_jacobian", "jacobian_terms", "JacobianTerms", "build_result", "ordinary_jacobian"]
 
 
 def target_function(hf_model: nn.Module, target: Target = "output", position: int = -1, *,
@@ -155,7 +160,8 @@ def model_target_function(model: Any, ids: Tensor, spec: TargetSpec, position: i
 
 def detached_jacobian(model: Any, prompt: Prompt, *, target: Target = "output", position: int = -1,
                       detached: bool = True, chunk_size: int = 64, mode: Mode = "reverse",
-                      model_id: str | None = None) -> DetachedJacobian:
+                      model_id: str | None = None, strict: bool = True, progress: bool | None = None,
+                      memory_budget: int | None = None) -> DetachedJacobian:
     """The detached Jacobian ``J_i = dy/dx_i`` for every input position, with ``y``, ``x`` and ``c``.
 
     Args:
@@ -173,6 +179,14 @@ def detached_jacobian(model: Any, prompt: Prompt, *, target: Target = "output", 
             ``c`` is the unfrozen model at zero input, so its reconstruction is not exact.
         chunk_size: rows (reverse) or columns (forward) per batched pass (memory bound).
         mode: ``"reverse"`` (``d_out`` VJPs, the default) or ``"forward"`` (``T * d_in`` JVPs).
+        strict: a model the freeze cannot see through (hooks, instance ``forward`` overrides), or
+            a result whose frozen output or reconstruction misses the dtype's tolerance, raises
+            (see :mod:`toolkit.jacobian.guards`); ``False`` returns it with a warning recorded in
+            ``result.settings["warnings"]``.
+        progress: a ``tqdm`` bar over the row chunks (default: when the estimate exceeds a few seconds).
+        memory_budget: bytes the computation may use (default: the memory available now); a
+            prompt whose Jacobian would not fit is refused before any work
+            (:func:`toolkit.jacobian.budget.check_fits`), naming the matrix-free route.
 
     Returns:
         a :class:`~toolkit.jacobian.result.DetachedJacobian`: ``jacobian`` ``[T, d_out, d_in]``,
@@ -194,21 +208,48 @@ def detached_jacobian(model: Any, prompt: Prompt, *, target: Target = "output", 
     spec = resolve_target(hf_model, target)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
+    check_fits(hf_model, ids.numel(), chunk_size=chunk_size, memory_budget=memory_budget)  # before any model run
     f, x, path = model_target_function(model, ids, spec, position)
-    y, jac, c = jacobian_terms(hf_model, f, x, detached=detached, chunk_size=chunk_size, mode=mode)
+    terms = jacobian_terms(hf_model, f, x, detached=detached, chunk_size=chunk_size, mode=mode, strict=strict,
+                           progress=progress, memory_budget=memory_budget)
     model_id = model_id or getattr(getattr(library_wrapper(model), "info", None), "model_id", None)
-    return build_result(hf_model, ids, x, y, jac, c, target=spec.name, position=position, detached=detached,
-                        chunk_size=chunk_size, model_id=model_id, input=spec.input_name, mode=mode, **path)
+    return build_result(hf_model, ids, x, *terms, target=spec.name, position=position, detached=detached,
+                        chunk_size=chunk_size, model_id=model_id, checks=terms.checks, input=spec.input_name,
+                        mode=mode, **path)
+
+
+@dataclass
+class JacobianTerms:
+    """``(y, J, c)`` (unpacks as that triple) and the :class:`~toolkit.jacobian.guards.Checks` they passed."""
+
+    y: Tensor
+    jacobian: Tensor
+    c: Tensor
+    checks: Checks = field(default_factory=Checks)
+    estimate: JacobianEstimate | None = None
+
+    def __iter__(self):
+        return iter((self.y, self.jacobian, self.c))
 
 
 def jacobian_terms(hf_model: nn.Module, f: Callable[[Tensor], Tensor], x: Tensor, *, detached: bool = True,
-                   chunk_size: int = 64, mode: Mode = "reverse") -> tuple[Tensor, Tensor, Tensor]:
+                   chunk_size: int = 64, mode: Mode = "reverse", strict: bool = True, progress: bool | None = None,
+                   memory_budget: int | None = None) -> JacobianTerms:
     """``(y, J, c)`` of any ``f: x [T, d] -> y [d_out]`` that runs ``hf_model``, frozen or not.
 
     This is the one place where the freeze, the chunked rows (or columns) and the constant
     term meet, through :func:`toolkit.jacobian.operator.frozen_operator`; the direct path
-    and the backend paths (:func:`model_target_function`) only differ in ``f``. Detached: the factors are recorded at ``x`` and ``c = F(0)`` replays
-    them; ordinary: ``c`` is the plain model at zero. ``J`` is ``[T, d_out, d_in]``.
+    and the backend paths (:func:`model_target_function`) only differ in ``f``. Detached: the factors are
+    recorded at ``x`` and ``c = F(0)`` replays them; ordinary: ``c`` is the plain model at zero. ``J`` is
+    ``[T, d_out, d_in]``. The operator's checks (live output, affinity; see
+    :func:`~toolkit.jacobian.operator.frozen_operator`) come back in ``.checks`` for :func:`build_result`,
+    which adds the dense reconstruction check.
+
+    Before any model run, the time and memory are estimated (:func:`toolkit.jacobian.budget.check_fits`):
+    a Jacobian that would not fit in ``memory_budget`` bytes (default: the memory available now)
+    is refused with :class:`~toolkit.jacobian.budget.JacobianTooLargeError`, naming the estimate and
+    the matrix-free route. ``progress``: a ``tqdm`` bar over the row chunks (default: when the
+    estimate exceeds a few seconds). The estimate comes back in ``.estimate``.
 
     Example:
         >>> import torch
@@ -219,25 +260,32 @@ def jacobian_terms(hf_model: nn.Module, f: Callable[[Tensor], Tensor], x: Tensor
         >>> J.shape, float(c.norm())   # bias-free Llama: no constant term
         (torch.Size([3, 64, 64]), 0.0)
     """
-    with frozen_operator(hf_model, f, x, detached=detached, chunk_size=chunk_size) as op:
+    estimate = check_fits(hf_model, x.shape[0], chunk_size=chunk_size, memory_budget=memory_budget)
+    progress = estimate.seconds > PROGRESS_AFTER_S if progress is None else progress
+    with frozen_operator(hf_model, f, x, detached=detached, chunk_size=chunk_size, strict=strict) as op:
         y = op.y
         if y.ndim != 1:
             raise ValueError(f"y must be a vector [d_out], got shape {tuple(y.shape)}.")
         d_out = y.shape[0]
         if mode == "reverse":  # rows written in place: peak memory = J + one chunk
-            jac = jacobian_by_rows(op.vjp, d_out, tuple(x.shape), chunk_size, dtype=y.dtype, device=x.device)
+            jac = jacobian_by_rows(op.vjp, d_out, tuple(x.shape), chunk_size, dtype=y.dtype, device=x.device,
+                                   progress=progress)
         else:
-            jac = op.dense(mode).reshape(d_out, *x.shape).movedim(0, -2).contiguous()
+            jac = op.dense(mode, progress=progress).reshape(d_out, *x.shape).movedim(0, -2).contiguous()
         c = op.constant()
-    return y.detach(), jac.detach(), c.detach()
+    return JacobianTerms(y.detach(), jac.detach(), c.detach(), op.checks, estimate)
 
 
 def build_result(hf_model: nn.Module, ids: Tensor, x: Tensor, y: Tensor, jac: Tensor, c: Tensor, *,
                  target: Target, position: int, detached: bool, chunk_size: int, model_id: str | None = None,
-                 **extra_settings) -> DetachedJacobian:
-    """Wrap ``(x, y, J, c)`` in a :class:`DetachedJacobian` with the settings that made it.
+                 checks: Checks | None = None, strict: bool = True, **extra_settings) -> DetachedJacobian:
+    """Wrap ``(x, y, J, c)`` in a :class:`DetachedJacobian` with the settings that made it, once checked.
 
-    ``extra_settings`` (e.g. ``backend="nnsight"``) are added to ``settings``.
+    ``extra_settings`` (e.g. ``backend="nnsight"``) are added to ``settings``. Every route ends
+    here, so this is where a detached result's reconstruction error is held to the dtype's bound
+    (:data:`toolkit.jacobian.guards.TOLERANCES`): above it, :class:`~toolkit.jacobian.guards.FreezeCheckError`
+    (``strict``, or the strictness of ``checks``, the earlier checks' record), else a warning in
+    ``settings["warnings"]``. ``settings["checks"]`` holds the measured errors and the bounds.
 
     Example:
         >>> import torch
@@ -262,9 +310,13 @@ def build_result(hf_model: nn.Module, ids: Tensor, x: Tensor, y: Tensor, jac: Te
                 "notes": notes, **extra_settings}
     # On a model split across devices y and c come out where the target is read, x where it goes in.
     device = jac.device
-    return DetachedJacobian(jacobian=jac.detach(), y=y.detach().to(device), x=x.detach().to(device),
-                            c=c.detach().to(device), token_ids=ids.cpu(),
-                            settings=settings)
+    result = DetachedJacobian(jacobian=jac.detach(), y=y.detach().to(device), x=x.detach().to(device),
+                              c=c.detach().to(device), token_ids=ids.cpu(), settings=settings)
+    checks = checks if checks is not None else Checks(strict=strict, dtype=x.dtype)
+    if detached:  # the ordinary Jacobian's reconstruction is not exact by design
+        checks.check("reconstruction", result.reconstruction_error)
+    settings.update(checks.as_settings())
+    return result
 
 
 def ordinary_jacobian(hf_model: nn.Module, input_ids: Tensor, **kwargs) -> DetachedJacobian:

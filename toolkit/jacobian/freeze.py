@@ -38,6 +38,7 @@ from torch import nn
 
 from toolkit.jacobian.factors import FactorStore, Mode
 from toolkit.jacobian.freeze_rules import FreezeError, Undo, rule_for
+from toolkit.jacobian.guards import Checks, inspect_model
 
 _ACTIVE: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # models frozen right now (no nesting)
 
@@ -138,11 +139,17 @@ def eager_attention(hf_model: nn.Module) -> list[Undo]:
 
 
 @contextmanager
-def detached(hf_model: nn.Module, store: FactorStore | None = None) -> Iterator[FreezeSession]:
+def detached(hf_model: nn.Module, store: FactorStore | None = None, *,
+             checks: Checks | None = None) -> Iterator[FreezeSession]:
     """Freeze ``hf_model``'s nonlinear factors for the duration of the block (reversible).
 
     Forward values stay those of the original model (to float rounding); gradients flow
     only through the linear paths. ``store`` lets callers share recorded factors.
+
+    A model that runs something the rules cannot see (an instance-level ``forward``, a hook;
+    see :func:`toolkit.jacobian.guards.inspect_model`) is refused with
+    :class:`~toolkit.jacobian.guards.LiveModelError` naming the module, what it runs and the fix;
+    ``checks=Checks(strict=False)`` records a warning instead.
 
     Example:
         >>> import torch
@@ -157,6 +164,7 @@ def detached(hf_model: nn.Module, store: FactorStore | None = None) -> Iterator[
     if hf_model in _ACTIVE:
         raise FreezeError(f"{type(hf_model).__name__} is already frozen: nested detached() blocks are not supported.")
     kinds = check_supported(hf_model)
+    (checks if checks is not None else Checks()).refuse(inspect_model(hf_model), type(hf_model).__name__)
     session = FreezeSession(store if store is not None else FactorStore(), kinds)
     undos: list[Undo] = []
     _ACTIVE.add(hf_model)

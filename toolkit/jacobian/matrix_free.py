@@ -253,7 +253,7 @@ def operator_svd(op: FrozenOperator, k: int = 8, **kwargs) -> TopSVD:
 
 def jacobian_svd(model: Any, prompt: Prompt, *, target: Target = "output", position: int | None = -1,
                  k: int = 8, detached: bool = True, chunk_size: int = 64, oversample: int = 0,
-                 max_blocks: int = 16, tol: float = 1e-5, seed: int = 0) -> TopSVD:
+                 max_blocks: int = 16, tol: float = 1e-5, seed: int = 0, strict: bool = True) -> TopSVD:
     """Top-``k`` SVD of the whole-prompt Jacobian of ``target``, matrix-free.
 
     With ``position`` an int the map is ``[J_1 ... J_T]`` (``d_out x T*d``) of ``y`` at that
@@ -271,6 +271,9 @@ def jacobian_svd(model: Any, prompt: Prompt, *, target: Target = "output", posit
             of the top-``k`` values is below ``tol`` (relative; see the module docstring). SmolLM2,
             64 tokens: error 2.2e-6 for the default 1e-5 (64 JVP + 56 VJP), 5.2e-5 for 1e-4 (56 + 48).
         chunk_size: JVPs / VJPs per batched pass.
+        strict: refuse a model the freeze cannot see through, or a frozen map that misses the live
+            output or is not affine (:mod:`toolkit.jacobian.guards`); ``False`` records a warning in
+            ``settings["warnings"]`` instead.
 
     Example:
         >>> import torch
@@ -285,8 +288,9 @@ def jacobian_svd(model: Any, prompt: Prompt, *, target: Target = "output", posit
     spec = resolve_target(hf_model, target)
     x = target_input(hf_model, ids, spec)
     f = state_function(hf_model, spec, input_ids=ids, position=position)
-    with frozen_operator(hf_model, f, x, detached=detached, chunk_size=chunk_size) as op:
+    with frozen_operator(hf_model, f, x, detached=detached, chunk_size=chunk_size, strict=strict) as op:
         top = operator_svd(op, k, oversample=oversample, max_blocks=max_blocks, tol=tol, seed=seed)
+    top.settings.update(**op.checks.as_settings())
     top.settings.update(target=spec.name, input=spec.input_name, detached=detached,
                         position=None if position is None else (position if position >= 0 else len(ids) + position))
     return top

@@ -35,16 +35,18 @@ Example:
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from math import prod
 from typing import Callable, Iterator, Literal
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from toolkit.metrics import require_eval_mode
 from toolkit.jacobian.freeze import detached as frozen
 from toolkit.jacobian.freeze import eager_attention
+from toolkit.jacobian.guards import Checks, affine_probe
 
 Mode = Literal["forward", "reverse"]
 
@@ -139,11 +141,13 @@ def basis(n: int, start: int, stop: int, *, dtype: torch.dtype = torch.float32,
 
 
 def jacobian_by_rows(vjp: Callable[[Tensor], Tensor], d_out: int, in_shape: tuple[int, ...], chunk_size: int = 64,
-                     *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Tensor:
+                     *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                     progress: bool = False, desc: str = "Jacobian rows") -> Tensor:
     """Every row of a ``d_out``-output Jacobian from a VJP callable: ``[*in_shape[:-1], d_out, in_shape[-1]]``.
 
     ``vjp`` maps cotangents ``[B, d_out]`` to ``[B, *in_shape]``; rows are asked for
     ``chunk_size`` at a time and written in place, so peak memory is ``J`` plus one chunk.
+    ``progress`` shows a ``tqdm`` bar over the rows (on stderr).
 
     Example:
         >>> W = torch.randn(4, 3)
@@ -152,9 +156,11 @@ def jacobian_by_rows(vjp: Callable[[Tensor], Tensor], d_out: int, in_shape: tupl
     """
     _check_chunk(chunk_size)
     jac = torch.empty(*in_shape[:-1], d_out, in_shape[-1], dtype=dtype, device=device)
-    for start in range(0, d_out, chunk_size):
-        stop = min(start + chunk_size, d_out)
-        jac[..., start:stop, :] = vjp(basis(d_out, start, stop, dtype=dtype, device=device)).movedim(0, -2)
+    with tqdm(total=d_out, desc=desc, unit="row", disable=not progress, leave=False) as bar:
+        for start in range(0, d_out, chunk_size):
+            stop = min(start + chunk_size, d_out)
+            jac[..., start:stop, :] = vjp(basis(d_out, start, stop, dtype=dtype, device=device)).movedim(0, -2)
+            bar.update(stop - start)
     return jac
 
 
@@ -174,6 +180,7 @@ class FrozenOperator:
     _y_graph: Tensor
     _constant: Tensor
     jvp_route: str = "ad"  # "replay": the map is linear, JVPs are batched replays of f
+    checks: Checks = field(default_factory=Checks)  # live-output and affinity verdicts (detached only)
 
     @property
     def in_shape(self) -> tuple[int, ...]:
@@ -231,8 +238,8 @@ class FrozenOperator:
         b = U.shape[1]
         return self.vjp(U.T.reshape(b, *self.out_shape)).reshape(b, -1).T
 
-    def dense(self, mode: Mode = "reverse") -> Tensor:
-        """The formed ``J`` ``[m, n]``: rows by VJPs (``m`` of them) or columns by JVPs (``n``).
+    def dense(self, mode: Mode = "reverse", progress: bool = False) -> Tensor:
+        """The formed ``J`` ``[m, n]``: rows by VJPs (``m`` of them) or columns by JVPs (``n``); ``progress``: a bar.
 
         Example:
             >>> op.dense("forward").shape == op.shape                              # doctest: +SKIP
@@ -241,12 +248,16 @@ class FrozenOperator:
         m, n = self.shape
         kw = dict(dtype=self.x.dtype, device=self.x.device)
         if mode == "reverse":
+            starts = tqdm(range(0, m, self.chunk_size), desc="Jacobian rows", unit="chunk", disable=not progress,
+                          leave=False)
             rows = [self.vjp(basis(m, s, min(s + self.chunk_size, m), **kw).reshape(-1, *self.out_shape))
-                    for s in range(0, m, self.chunk_size)]
+                    for s in starts]
             return torch.cat(rows).reshape(m, n)
         if mode == "forward":
+            starts = tqdm(range(0, n, self.chunk_size), desc="Jacobian columns", unit="chunk", disable=not progress,
+                          leave=False)
             cols = [self.jvp(basis(n, s, min(s + self.chunk_size, n), **kw).reshape(-1, *self.in_shape))
-                    for s in range(0, n, self.chunk_size)]
+                    for s in starts]
             return torch.cat(cols).reshape(n, m).T.contiguous()
         raise ValueError(f"mode must be 'forward' (JVP columns) or 'reverse' (VJP rows), got {mode!r}.")
 
@@ -262,7 +273,8 @@ class FrozenOperator:
 
 @contextmanager
 def frozen_operator(hf_model: nn.Module, f: Callable[[Tensor], Tensor], x: Tensor, *, detached: bool = True,
-                    chunk_size: int = 64, jvp: Literal["auto", "ad", "replay"] = "auto") -> Iterator[FrozenOperator]:
+                    chunk_size: int = 64, jvp: Literal["auto", "ad", "replay"] = "auto",
+                    strict: bool = True) -> Iterator[FrozenOperator]:
     """Freeze ``hf_model``, record ``f(x)``, and yield the :class:`FrozenOperator` of ``df/dx`` at ``x``.
 
     ``detached=False`` gives the ordinary Jacobian of the same ``f`` (no freeze; attention
@@ -271,6 +283,13 @@ def frozen_operator(hf_model: nn.Module, f: Callable[[Tensor], Tensor], x: Tenso
     ``jvp``: ``"ad"`` (forward-mode AD), ``"replay"`` (batched replay; only for a linear map,
     ``c == 0``), or ``"auto"`` (replay when the detached map's constant is exactly zero).
     ``f`` must accept a batch ``[B, *x.shape]`` for the replay route (the target functions do).
+
+    Every detached operator is checked before it is handed out (see :mod:`toolkit.jacobian.guards`):
+    the model must run nothing the freeze cannot see (instance ``forward`` overrides, hooks), the
+    frozen ``f(x)`` must equal the live, unfrozen ``f(x)``, and ``J x + c = y`` must hold on a few
+    VJP probes, within the dtype's tolerance. A failure raises
+    :class:`~toolkit.jacobian.guards.FreezeCheckError`; ``strict=False`` warns and records it in
+    ``op.checks``.
 
     Example:
         >>> import torch
@@ -289,24 +308,34 @@ def frozen_operator(hf_model: nn.Module, f: Callable[[Tensor], Tensor], x: Tenso
         raise ValueError(f"jvp must be 'auto', 'ad' or 'replay', got {jvp!r}.")
     _check_chunk(chunk_size)
     x = x.detach()
+    checks = Checks(strict=strict, dtype=x.dtype)
+    y_live = None
+    if detached:  # the model as the user runs it: unfrozen, its hooks and overrides included
+        with torch.no_grad():
+            y_live = f(x)
     undo_eager = [] if detached else eager_attention(hf_model)
     try:
-        with frozen(hf_model) if detached else nullcontext() as freeze:
+        with frozen(hf_model, checks=checks) if detached else nullcontext() as freeze:
             xg = x.clone().requires_grad_(True)
             with freeze.recording() if detached else nullcontext(), torch.enable_grad():
                 y_graph = f(xg)
             if not isinstance(y_graph, Tensor):
                 raise ValueError(f"f must return one tensor, got {type(y_graph).__name__}.")
+            if detached:
+                checks.compare_live(y_graph, y_live)
             with freeze.replaying() if detached else nullcontext():
                 with torch.no_grad():
                     c = f(torch.zeros_like(x)).detach()
+                if detached:
+                    checks.check("affine", affine_probe(lambda U: batched_vjp(y_graph, xg, U, chunk_size), x,
+                                                        y_graph, c))
                 linear = detached and not bool(c.any())
                 if jvp == "replay" and not linear:
                     raise ValueError("jvp='replay' needs a linear frozen map (constant term exactly 0, detached=True); "
                                      "this one has a constant term: use jvp='ad'.")
                 route = "replay" if (jvp == "replay" or (jvp == "auto" and linear)) else "ad"
                 yield FrozenOperator(f=f, x=x, y=y_graph.detach(), chunk_size=chunk_size, _x_graph=xg,
-                                     _y_graph=y_graph, _constant=c, jvp_route=route)
+                                     _y_graph=y_graph, _constant=c, jvp_route=route, checks=checks)
     finally:
         for undo in reversed(undo_eager):
             undo()

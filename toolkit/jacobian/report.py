@@ -45,6 +45,12 @@ def format_summary(summary: dict[str, Any]) -> str:
     Example:
         >>> print(format_summary(summary))                                     # doctest: +SKIP
     """
+    if summary.get("route") == "matrix-free":
+        lines = [f"{summary['model']} via {summary['backend']}, target {summary['target']!r}, {summary['n_tokens']} "
+                 f"tokens, matrix-free top-{len(summary['singular_values'])} ({summary['reason']})"]
+        lines += [f"  sigma {v['sigma']:.3g}  out: {' | '.join(v['output_tokens'][:3])!r}  from: "
+                  f"{', '.join(repr(p['token']) for p in v['top_positions'][:3])}" for v in summary["vectors"]]
+        return "\n".join(lines)
     a = summary["analysis"]
     lines = [f"{summary['model']} via {summary['backend']}, target {summary['target']!r}: {summary['prompt']!r}",
              f"reconstruction error: detached {summary['detached']['reconstruction_error']:.2e}, "

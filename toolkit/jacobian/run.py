@@ -17,10 +17,12 @@ Example:
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from toolkit.atomic import atomic_write_text
 from toolkit.checks import positive_int
 from toolkit.jacobian.analysis import check_analysis_settings
 
@@ -53,10 +55,14 @@ def jacobian_pair(model, ids, target: str | int, chunk_size: int = 64):
 
 
 def run_jacobian(model, prompt: str = DEFAULT_PROMPT, target: str | int = "output", top_k: int = 5,
-                 n_vectors: int = 3, chunk_size: int = 64, out: str | Path = "runs/jacobian") -> dict[str, Any]:
+                 n_vectors: int = 3, chunk_size: int = 64, out: str | Path = "runs/jacobian",
+                 route: str = "auto") -> dict[str, Any]:
     """Compute, analyse and write everything for one prompt on a loaded backend; returns the summary.
 
     Bad settings and targets are refused before any work, and nothing is written then.
+    ``route``: ``"auto"`` takes the matrix-free top-k route for prompts whose dense Jacobian would
+    not fit or take long (:func:`toolkit.jacobian.long_prompt.choose_route`), ``"full"`` /
+    ``"matrix-free"`` force one; the matrix-free route writes ``jacobian.json`` only.
 
     Example:
         >>> summary = run_jacobian(toolkit.load_model(), "The capital of France is", out="/tmp/jac")  # doctest: +SKIP
@@ -69,6 +75,16 @@ def run_jacobian(model, prompt: str = DEFAULT_PROMPT, target: str | int = "outpu
     out = Path(out)
     target = resolve_target(model.hf_model, target).name  # bad targets fail before any work
     ids = model.to_tokens(prompt)[0]
+    from toolkit.jacobian.long_prompt import choose_route, matrix_free_summary
+    choice = choose_route(model.hf_model, len(ids), route=route, chunk_size=chunk_size)
+    print(f"{len(ids)} tokens: {choice.route} route ({choice.reason})", file=sys.stderr)
+    if choice.route == "matrix-free":
+        summary = {"model": model.info.model_id, "backend": model.name, "prompt": prompt, "reason": choice.reason,
+                   "estimate": choice.estimate.to_dict(),
+                   **matrix_free_summary(model, ids, target=target, k=n_vectors, top_k=top_k, chunk_size=chunk_size)}
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "jacobian.json", json.dumps(summary, indent=1))
+        return summary
     t0 = time.perf_counter()
     det, ordinary = jacobian_pair(model, ids, target, chunk_size)
     timings = {"detached_and_ordinary_s": time.perf_counter() - t0}
@@ -82,7 +98,7 @@ def run_jacobian(model, prompt: str = DEFAULT_PROMPT, target: str | int = "outpu
                             "c_relative_norm": float(det.c.norm() / det.y.norm())},
                "ordinary": {"reconstruction_error": ordinary.reconstruction_error},
                "timings_s": timings, "analysis": analysis.to_dict()}
-    (out / "jacobian.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    atomic_write_text(out / "jacobian.json", json.dumps(summary, indent=1))
     write_jacobian_report(out / "report.html", f"Detached Jacobian — {model.info.model_id}: {prompt!r}",
                           det, ordinary, analysis)
     return summary

@@ -71,6 +71,7 @@ from toolkit.jacobian.compute import input_embeddings, model_target_function
 from toolkit.jacobian.targets import resolve_target
 from toolkit.jacobian.factors import FactorStore
 from toolkit.jacobian.freeze import detached
+from toolkit.jacobian.guards import Checks
 from toolkit.metrics import relative_error, require_eval_mode
 from toolkit.jacobian.steering_result import SteeringResult, SteeringRun
 
@@ -124,8 +125,11 @@ class ConceptOperator:
         self._f, self.x_star, _ = model_target_function(model, ids, resolve_target(model.hf_model, layer),
                                                         self.position)
         self._store = FactorStore()
+        with torch.no_grad():  # the live model's own h_l (hooks and overrides included), to check the freeze
+            y_live = self._f(self.x_star).detach()
         with detached(model.hf_model, store=self._store) as freeze, freeze.recording(), torch.no_grad():
             self.y = self._f(self.x_star).detach()
+        Checks(dtype=self.y.dtype).compare_live(self.y, y_live)
         self.c, at_x_star = self._replay([torch.zeros_like(self.x_star), self.x_star])
         #: ``||F(x*) - h_l(x*)|| / ||h_l(x*)||``: the replayed map reproduces the concept's state.
         self.replay_error = relative_error(at_x_star, self.y)

@@ -53,6 +53,7 @@ from typing import Callable, Literal, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from toolkit.jacobian.guards import toolkit_hook
 from toolkit.models.architectures import spec_for
 from toolkit.models.placement import input_device
 
@@ -253,6 +254,7 @@ def run_reading(hf_model: nn.Module, modules: list[nn.Module], *, inputs_embeds:
         raise ValueError("run_reading: each module may be read once.")
     captured: dict[int, Tensor] = {}
 
+    @toolkit_hook
     def grab(module, _args, out):
         captured[wanted[id(module)]] = _first(out)
         if len(captured) == len(modules):
@@ -260,6 +262,7 @@ def run_reading(hf_model: nn.Module, modules: list[nn.Module], *, inputs_embeds:
 
     handles = [m.register_forward_hook(grab) for m in modules]
     if replace_input_of is not None:
+        @toolkit_hook
         def put(_module, args, kwargs):
             if args:
                 return (replacement,) + tuple(args[1:]), kwargs
@@ -267,7 +270,8 @@ def run_reading(hf_model: nn.Module, modules: list[nn.Module], *, inputs_embeds:
         handles.append(replace_input_of.register_forward_pre_hook(put, with_kwargs=True))
     pos_attr = POSITION_EMBEDDINGS.get(spec.family)
     if inputs_embeds is not None and pos_attr is not None:  # x already holds the learned positions
-        handles.append(getattr(base, pos_attr).register_forward_hook(lambda _m, _a, out: torch.zeros_like(out)))
+        zero = toolkit_hook(lambda _m, _a, out: torch.zeros_like(out))
+        handles.append(getattr(base, pos_attr).register_forward_hook(zero))
     try:
         if inputs_embeds is not None:
             base(inputs_embeds=inputs_embeds, use_cache=False)

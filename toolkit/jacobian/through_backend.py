@@ -57,10 +57,10 @@ def backend_target_function(model: Backend, input_ids: Tensor, target: Target = 
 
 
 def backend_jacobian(model: Backend, input_ids: Tensor, target: Target = "output", position: int = -1,
-                     detached: bool = True, chunk_size: int = 64) -> DetachedJacobian:
+                     detached: bool = True, chunk_size: int = 64, **kwargs) -> DetachedJacobian:
     """Deprecated: :func:`toolkit.detached_jacobian` with the loaded model (``"output"`` / boundaries only)."""
     _deprecated("backend_jacobian", "toolkit.detached_jacobian(model, prompt, ...)")
     require_eval_mode(model.hf_model)
     _backend_target(model, target)
     return detached_jacobian(model, input_ids, target=target, position=position, detached=detached,
-                             chunk_size=chunk_size)
+                             chunk_size=chunk_size, **kwargs)  # strict, progress, memory_budget
