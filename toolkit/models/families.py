@@ -101,7 +101,7 @@ def family_status(check_tl: bool = True) -> list[FamilyStatus]:
 
     Example:
         >>> [r.family for r in family_status(check_tl=False)][:3]
-        ['llama', 'qwen3', 'gemma3']
+        ['llama', 'qwen3', 'qwen2']
     """
     from toolkit.models.architectures import SPECS
     from toolkit.models.registry import REGISTRY
