@@ -88,6 +88,6 @@ def single_sequence(model: Any, prompt: Prompt, **kwargs) -> Int[Tensor, "seq"]:
     """
     ids = ensure_tokens(model, prompt, **kwargs)
     if ids.shape[0] != 1:
-        raise ValueError(f"this analysis takes one sequence, got a batch of {ids.shape[0]}; "
+        raise ValueError(f"this analysis takes one non-empty sequence, got a batch of {ids.shape[0]}; "
                          f"pass one prompt at a time.")
     return ids[0]
