@@ -48,7 +48,7 @@ def test_jacobian_takes_any_model_and_text(smollm2_hf, smollm2_nnsight, smollm2_
     assert (via_tl.jacobian - via_hf.jacobian).abs().max() < 1e-4 * scale
     with pytest.raises(ValueError, match="needs a tokenizer"):
         toolkit.detached_jacobian(smollm2_hf, PROMPT)
-    with pytest.raises(ValueError, match="one sequence"):
+    with pytest.raises(ValueError, match="one non-empty sequence"):
         toolkit.detached_jacobian(smollm2_nnsight, [PROMPT, PROMPT])
 
 
