@@ -49,6 +49,8 @@ Example:
 """
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -56,6 +58,7 @@ import torch
 from torch import Tensor, nn
 
 from toolkit.jacobian.compute import detached_jacobian, input_embeddings, linear_map
+from toolkit.jacobian.guards import FreezeWarning
 from toolkit.jacobian.freeze import check_supported, detached
 from toolkit.jacobian.freeze_rules import rule_for
 from toolkit.metrics import relative_error, require_eval_mode
@@ -236,7 +239,9 @@ def check_freeze(model, prompt: str | Sequence[int] | Tensor | None = None, *, c
 
     results = {}
     for target in ("output", middle):
-        r = detached_jacobian(hf_model, ids, target=target, chunk_size=chunk_size)
+        with warnings.catch_warnings():  # the audit reports a failed check in its own table, not as a warning
+            warnings.simplefilter("ignore", FreezeWarning)
+            r = detached_jacobian(hf_model, ids, target=target, chunk_size=chunk_size, strict=False)
         results[target] = r
         c_share = float(r.c.norm() / r.y.norm().clamp_min(1e-30))
         checks.append(Check(f"reconstruction {target if target == 'output' else f'resid.{target}'}",
