@@ -149,7 +149,17 @@ def test_override_installed_before_nnsight_wraps_the_module_is_refused(smollm2_t
         detached_jacobian(model, IDS)
 
 
-def test_smollm2_hook_and_override_are_caught(smollm2_hf, smollm2_tokenizer):
+@pytest.fixture
+def own_smollm2():
+    """A SmolLM2 of this test's own: the session fixture is shared with tests that wrap it in place (nnsight gives
+    every module an instance-level forward, TransformerBridge replaces the blocks), and this test edits its modules."""
+    from transformers import AutoModelForCausalLM
+    from toolkit.models.weights import SMOLLM2, converted_folder
+    return AutoModelForCausalLM.from_pretrained(str(converted_folder(SMOLLM2)), dtype=torch.float32).eval()
+
+
+def test_smollm2_hook_and_override_are_caught(own_smollm2, smollm2_tokenizer):
+    smollm2_hf = own_smollm2
     # Boundary 5 (the hook sits in block 3): the same checks as the output, at a sixth of the cost.
     ids = smollm2_tokenizer("The capital of France is", return_tensors="pt").input_ids[0]
     clean = detached_jacobian(smollm2_hf, ids, target=5, chunk_size=192)
