@@ -38,6 +38,8 @@ Example:
 """
 from __future__ import annotations
 
+import functools
+
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -182,16 +184,35 @@ def _tl_user_hooks(module: nn.Module) -> dict[int, Any]:
     return out
 
 
+def _runs(module: nn.Module, fn: Any) -> Any:
+    """What a forward wrapper the toolkit knows finally runs: nnsight 0.8's Controller (its ``state``
+    body) and accelerate's device hook (``partial(new_forward, module)`` over ``module._old_forward``,
+    which moves inputs and loads offloaded weights around the module's own forward)."""
+    for _ in range(8):
+        state = getattr(fn, "state", None)
+        if state is not None and hasattr(state, "body"):  # nnsight 0.8 Controller: look at what it runs
+            fn = getattr(state, "original", state.body)
+            continue
+        if (isinstance(fn, functools.partial) and fn.args[:1] == (module,)
+                and getattr(module, "_hf_hook", None) is not None and "_old_forward" in vars(module)):
+            fn = vars(module)["_old_forward"]  # accelerate's AlignDevicesHook wrapper
+            continue
+        break
+    return fn
+
+
+def _is_class_forward(module: nn.Module, fn: Any) -> bool:
+    cls_forward = type(module).forward
+    return fn is cls_forward or (getattr(fn, "__func__", None) is cls_forward and getattr(fn, "__self__", None) is module)
+
+
 def _instance_forward(path: str, module: nn.Module) -> Finding | None:
     own = vars(module).get("forward")
     if own is None:
         return None
-    state = getattr(own, "state", None)
-    if state is not None and hasattr(state, "body"):  # nnsight 0.8 Controller: look at what it runs
-        original = getattr(state, "original", state.body)
-        if original is type(module).forward:
-            return None
-        own = original
+    own = _runs(module, own)
+    if _is_class_forward(module, own):
+        return None
     cls = type(module).__qualname__
     return Finding(path, f"instance-level forward override {_describe(own)} (the class {cls}.forward is what "
                          f"the freeze rules know)",
