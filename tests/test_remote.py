@@ -54,7 +54,8 @@ def test_decompose_remote_local_matches_local_run(smollm2_nnsight, tmp_path, mon
         assert ours.directory != theirs.directory                # remote states are stored apart
         for layer in SMALL["layers"]:
             for x, y in zip(ours.pairs(layer), theirs.pairs(layer)):
-                assert x.shape == y.shape and (x - y).abs().max() < 1e-5
+                # relative to the states' scale: the shared fixture may run the eager kernel (bridged), remote SDPA
+                assert x.shape == y.shape and (x - y).abs().max() < 1e-5 * y.abs().max().clamp_min(1)
     assert remote.requests == 3
     a, b = local.anchors, result.anchors
     assert result.settings["remote"] == "local" and local.settings["remote"] is False
@@ -113,7 +114,7 @@ def test_no_key_is_a_clear_error_before_any_work(no_ndif, tmp_path, monkeypatch)
 def test_cli_remote_without_key_is_one_line(no_ndif, capsys):
     from toolkit.cli import main
     start = time.perf_counter()
-    assert main(["decompose", "--remote", "--n-train", "4", "--n-test", "2"]) == 2
+    assert main(["decompose", "--remote", "--n-train", "16", "--n-test", "2"]) == 2   # 128 anchors >= k
     err = capsys.readouterr().err
     assert err.startswith("error: remote=True runs on NDIF") and "NDIF_API_KEY" in err
     assert time.perf_counter() - start < 5

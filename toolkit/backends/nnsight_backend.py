@@ -42,7 +42,8 @@ class NNsightBackend(Backend):
     def __init__(self, hf_model, tokenizer, info: ModelInfo, traced: NNsight | None = None,
                  remote: bool | str = False):
         super().__init__(hf_model, tokenizer, info)
-        if traced is not None and traced.device is not None and traced.device.type == "meta":
+        # remote=True: the weights live on NDIF, a meta-device wrapper is expected and inputs are serialized
+        if remote is not True and traced is not None and traced.device is not None and traced.device.type == "meta":
             raise ValueError("this nnsight wrapper would send its inputs to the meta device: nnsight reads the "
                              "device of the model's first parameter, which accelerate offloaded. Pass the HF "
                              "model itself (make_backend(hf_model, ...) wraps it so that inputs go to the input "

@@ -103,14 +103,16 @@ def write_decomposition_report(result, path: str | Path) -> Path:
              f"of an equal-norm random perturbation.")
     sections = [Section("Summary", text=intro, table=summary_rows(result))]
     if result.verdicts:
-        sections += [Section("Do the claims survive the controls?", text=controls_text(result),
-                             table=verdict_rows(result)),
-                     Section("The fitted map beside its null models", figure=control_figs.baselines_by_layer(result),
+        sections.append(Section("Do the claims survive the controls?", text=controls_text(result),
+                                table=verdict_rows(result)))
+    # Figure 2b stays the page's first figure (the one readers hover first).
+    sections.append(Section("RelErr vs KL per token (Figure 2b)", figure=figs.rel_err_kl_scatter(result)))
+    if result.verdicts:
+        sections += [Section("The fitted map beside its null models", figure=control_figs.baselines_by_layer(result),
                              table=baseline_rows(result)),
                      Section("Size confounding and alignment against chance",
                              figure=control_figs.partial_rho_by_layer(result), table=size_control_rows(result))]
     sections += [
-            Section("RelErr vs KL per token (Figure 2b)", figure=figs.rel_err_kl_scatter(result)),
             Section("Layerwise Spearman rho (Figure 2c)", figure=figs.layerwise_rho(result)),
             Section("Layerwise RelErr (Figure 2d)", figure=figs.layerwise_rel_err(result)),
             Section("Control: random direction of equal norm", figure=figs.kl_vs_random_control(result)),
