@@ -49,7 +49,8 @@ def test_decompose_remote_local_matches_local_run(smollm2_nnsight, tmp_path, mon
     assert remote.requests == 3
     # the pairs, reopened from the two stores (no model runs: both are cached)
     kw = dict(n_train=SMALL["n_train"], n_test=SMALL["n_test"], seq_len=SMALL["seq_len"],
-              per_text=SMALL["per_text"], layers=SMALL["layers"], progress=False)
+              per_text=SMALL["per_text"], layers=SMALL["layers"], progress=False,
+              split="document", min_position=1)          # decompose's defaults: the same texts, cached
     for ours, theirs in zip(collect_from_corpus(smollm2_nnsight, **kw), collect_from_corpus(remote, **kw)):
         assert ours.directory != theirs.directory                # remote states are stored apart
         for layer in SMALL["layers"]:

@@ -89,7 +89,9 @@ def make_backend(model, tokenizer=None, backend: str | None = None, model_id: st
     if remote and name != "nnsight":
         raise no_remote_error(name, remote)
     if name == "nnsight":
-        wrapped: Backend = NNsightBackend(hf_model, tokenizer, info, traced=traced)
+        # a wrapper built for NDIF (weights on the meta device) is remote from the start; others become so below
+        wrapped: Backend = NNsightBackend(hf_model, tokenizer, info, traced=traced,
+                                          remote=True if (remote is True and traced is not None) else False)
     else:
         wrapped = TransformerLensBackend(hf_model, tokenizer, info, bridge=bridge)
     wrapped.wraps_in_place = True

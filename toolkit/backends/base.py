@@ -231,12 +231,17 @@ class Backend(ABC):
     # ----- embedding, final norm, unembedding (shared HF modules) ---------------------------
     @property
     def W_E(self) -> Tensor:
-        """Token embedding matrix ``[vocab, d_model]`` (before any Gemma scale); loaded when offloaded."""
+        """Token embedding matrix ``[vocab, d_model]`` (before any Gemma scale); loaded when offloaded.
+        On NDIF (``remote=True``) the weights live on the server: the local one is the meta placeholder."""
+        if self.remote is True:
+            return self.hf_model.get_input_embeddings().weight
         return parameter(self.hf_model.get_input_embeddings())
 
     @property
     def W_U(self) -> Tensor:
         """Unembedding matrix ``[d_model, vocab]`` (transpose of the lm_head weight); loaded when offloaded."""
+        if self.remote is True:
+            return self.hf_model.get_output_embeddings().weight.T
         return parameter(self.hf_model.get_output_embeddings()).T
 
     @property

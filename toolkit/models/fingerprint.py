@@ -56,8 +56,13 @@ def named_weights(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, to
         yield from named_weights(original, prefix)
         return
     for name, p in module._parameters.items():
-        if p is not None:  # offloaded (accelerate, meta between calls): its values from the offload store
-            yield prefix + name, (parameter(module, name) if p.device.type == "meta" else p)
+        if p is not None and p.device.type == "meta":  # offloaded (accelerate): values from the offload store
+            try:
+                p = parameter(module, name)
+            except RuntimeError:  # no local weights at all (a model that lives on NDIF): shape and config name it
+                pass
+        if p is not None:
+            yield prefix + name, p
     for name, b in module._buffers.items():
         if b is not None and name not in module._non_persistent_buffers_set:
             yield prefix + name, b
