@@ -28,7 +28,7 @@ def measure(arch: str, tokenizer) -> dict:
     from toolkit.jacobian.freeze import detached
     from toolkit.jacobian.freeze_rules import FreezeError
     from toolkit.jacobian.through_backend import backend_jacobian
-    from toolkit.models.families import family_hf_class, tl_bridge_supports
+    from toolkit.families import family_hf_class, tl_bridge_supports
     from toolkit.models.tiny import tiny_hf_model
 
     hf = tiny_hf_model(arch, vocab_size=tokenizer.vocab_size)

@@ -6,7 +6,7 @@ import torch
 
 from toolkit.backends import make_backend
 from toolkit.models.architectures import spec_for
-from toolkit.models.families import family_hf_class, tl_bridge_supports
+from toolkit.families import family_hf_class, tl_bridge_supports
 from toolkit.models.tiny import TINY_ARCHITECTURES, tiny_hf_model
 
 # TransformerBridge has no adapter for some families (Ministral): nnsight serves those alone.

@@ -76,7 +76,7 @@ def test_n_test_zero_is_refused_before_loading_or_collecting(no_model_load, caps
 
 
 def test_cuda_on_a_cpu_only_torch_is_one_clear_line(monkeypatch, capsys, tmp_path):
-    import toolkit.models.loading as loading
+    import toolkit.loading as loading
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # this machine's torch, on any machine
 
     def refuse(*args, **kwargs):
@@ -91,7 +91,7 @@ def test_cuda_on_a_cpu_only_torch_is_one_clear_line(monkeypatch, capsys, tmp_pat
 
 
 def test_model_folder_that_is_not_a_model(monkeypatch, capsys, tmp_path):
-    import toolkit.models.loading as loading
+    import toolkit.loading as loading
 
     def refuse(*args, **kwargs):
         raise ModelLoaded(args)

@@ -5,7 +5,7 @@ from transformers.models.phi3 import modeling_phi3
 
 from toolkit.cli import main
 from toolkit.jacobian.freeze_rules import RULES
-from toolkit.models.families import family_status, format_family_table
+from toolkit.families import family_status, format_family_table
 
 REQUIRED = ("mistral", "ministral", "ministral3", "phi3", "olmo2", "gemma2")  # issue 12
 

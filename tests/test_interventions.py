@@ -11,7 +11,7 @@ from toolkit.backends.incremental import (cache_kwargs, full_cache, full_cache_s
 from toolkit.collection.pairs import collect_hidden_states
 from toolkit.decompose.interventions import patched_kl, patched_kl_plain
 from toolkit.decompose.kl import kl_divergence, kl_from_normed, kl_many
-from toolkit.models.families import family_hf_class, tl_bridge_supports
+from toolkit.families import family_hf_class, tl_bridge_supports
 from toolkit.models.tiny import MECHANISM_ARCHITECTURES, tiny_hf_model
 
 # nnsight serves every family; TransformerBridge those it has an adapter for (not Ministral)

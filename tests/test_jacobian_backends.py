@@ -10,7 +10,7 @@ from toolkit.backends import make_backend
 from toolkit.jacobian.freeze import detached
 from toolkit import detached_jacobian
 from toolkit import detached_jacobian as backend_jacobian  # the loaded model: its own hooking path
-from toolkit.models.families import family_hf_class, tl_bridge_supports
+from toolkit.families import family_hf_class, tl_bridge_supports
 from toolkit.models.tiny import TINY_ARCHITECTURES, tiny_hf_model
 
 IDS = torch.tensor([3, 17, 42, 7, 99, 5])

@@ -16,7 +16,7 @@ from toolkit.jacobian.compute import detached_jacobian
 from toolkit.jacobian.freeze import detached
 from toolkit.jacobian.matrix_free import jacobian_svd
 from toolkit.jacobian.through_backend import backend_jacobian
-from toolkit.models.loading import load_model, placement_kwargs
+from toolkit.loading import load_model, placement_kwargs
 from toolkit.models.placement import execution_device, is_offloaded, parameter
 from toolkit.models.tiny import tiny_hf_model
 

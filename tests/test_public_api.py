@@ -127,3 +127,26 @@ def test_every_result_reports_and_reloads(smollm2_nnsight, tmp_path):
         result.save(tmp_path / name)
         assert type(toolkit.load(tmp_path / name)) is type(result), name
     assert toolkit.load(tmp_path / "jac").reconstruction_error == jac.reconstruction_error
+
+
+def test_subpackages_import_each_other_one_way():
+    """The package layers stay acyclic (models < backends < analyses < cli): a cycle is named."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(toolkit.__file__).parent
+    edges: dict[str, set[str]] = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root).with_suffix("").parts
+        source = parts[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("toolkit."):
+                target = node.module.split(".")[1]
+                if target != source:
+                    edges.setdefault(source, set()).add(target)
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        return any(n == goal or (n not in seen and reaches(n, goal, seen | {n})) for n in edges.get(start, ()))
+
+    cycles = sorted(f"{a} -> {b}" for a in edges for b in edges[a] if reaches(b, a, {b}))
+    assert not cycles, f"package import cycles: {cycles}"

@@ -25,7 +25,7 @@ from toolkit.jacobian.compute import detached_jacobian, ordinary_jacobian
 from toolkit.jacobian.layerwise import layerwise_spectra
 from toolkit.jacobian.matrix_free import jacobian_svd
 from toolkit.jacobian.steering import steer, steering_sweep
-from toolkit.models.loading import load_model
+from toolkit.loading import load_model
 from toolkit.models.registry import DEFAULT_MODEL
 from toolkit.prompts import ensure_tokens
 

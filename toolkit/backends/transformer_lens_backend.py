@@ -21,6 +21,17 @@ from toolkit.backends.base import Backend, ModelInfo, Patch
 from toolkit.models.placement import is_dispatched
 
 
+def tl_bridge_supports(hf_class: str) -> bool:
+    """Whether the installed TransformerLens has a ``TransformerBridge`` adapter for this transformers class.
+
+    Example:
+        >>> tl_bridge_supports("MinistralForCausalLM"), tl_bridge_supports("Phi3ForCausalLM")
+        (False, True)
+    """
+    from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
+    return hf_class in SUPPORTED_ARCHITECTURES
+
+
 class TransformerLensBackend(Backend):
     name = "transformer_lens"
 
@@ -31,7 +42,6 @@ class TransformerLensBackend(Backend):
             if tokenizer is None:
                 raise ValueError("the TransformerLens backend needs a tokenizer (TransformerBridge otherwise "
                                  "tries to download one); pass tokenizer=...")
-            from toolkit.models.families import tl_bridge_supports
             hf_class = type(hf_model).__name__
             if not tl_bridge_supports(hf_class):
                 raise ValueError(f"TransformerLens' TransformerBridge has no adapter for {hf_class} "

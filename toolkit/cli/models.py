@@ -19,6 +19,6 @@ def run(args: argparse.Namespace) -> int:
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     for r in [header] + rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
-    from toolkit.models.families import family_status, format_family_table
+    from toolkit.families import family_status, format_family_table
     print("\nfamilies:\n" + format_family_table(family_status()))
     return 0

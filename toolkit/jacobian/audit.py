@@ -163,7 +163,7 @@ class FreezeAudit:
 def _unwrap(model) -> tuple[nn.Module, Any]:
     """(HF causal LM, tokenizer or None) from a registry name, a Backend, a TransformerBridge, nnsight or HF."""
     if isinstance(model, str):
-        from toolkit.models.loading import load_model
+        from toolkit.loading import load_model
         model = load_model(model)
     if hasattr(model, "hf_model"):                                        # a toolkit Backend
         return model.hf_model, getattr(model, "tokenizer", None)

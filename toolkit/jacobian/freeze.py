@@ -37,7 +37,7 @@ from typing import Iterator
 from torch import nn
 
 from toolkit.jacobian.factors import FactorStore, Mode
-from toolkit.jacobian.freeze_rules import FreezeError, Undo, rule_for
+from toolkit.jacobian.freeze_rules import FreezeError, Undo, provide_rules, rule_for
 from toolkit.jacobian.guards import Checks, inspect_model
 
 _ACTIVE: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # models frozen right now (no nesting)
@@ -90,8 +90,7 @@ def check_supported(hf_model: nn.Module) -> dict[str, str]:
         >>> kinds["transformer.h.0.mlp.act"]
         'activation'
     """
-    from toolkit.jacobian.bridge_rules import register_bridge_rules
-    register_bridge_rules(hf_model)  # a TransformerBridge wraps the HF modules in place
+    provide_rules(hf_model)  # library module kinds (a TransformerBridge wraps the HF modules in place)
     kinds: dict[str, str] = {}
     missing: dict[str, list[str]] = {}
     for path, module in hf_model.named_modules():

@@ -21,7 +21,7 @@ linear               modules that only add, project, reshape, embed or drop (in 
 ===================  ==========================================================================
 
 Rules are keyed by the exact class (a subclass may override ``forward``, so it must be
-registered on its own). :data:`RULES` covers the HF families of :mod:`toolkit.models.families`
+registered on its own). :data:`RULES` covers the HF families of :mod:`toolkit.families`
 (Llama, Qwen3, Gemma 1/2/3, Mistral/Ministral, Phi 3, OLMo 2, SmolLM3, GPT-2, GPT-J, GPT-Neo,
 GPT-NeoX, Mamba); fused projections (GPT-2's ``c_attn``, Phi 3's ``qkv_proj`` and
 ``gate_up_proj``) freeze only their q/k columns and their gate half; :func:`rule_for` returns ``None`` for anything else, and
@@ -507,3 +507,34 @@ def register_rule(cls: type, kind: str, install: Install | None, note: str = "",
         >>> register_rule(nn.Identity, "linear", None, "identity")
     """
     RULES[cls] = Rule(kind, install, note, gain)
+
+
+# Rule tables for a library's own module kinds (a TransformerBridge wraps the HF modules in place; a
+# HookedTransformer is built from TransformerLens components). Each is registered lazily, the first
+# time a model holding such classes is frozen, so importing the toolkit never imports that library:
+# class-module prefix -> "module:function" taking the model and returning the names it registered.
+RULE_PROVIDERS: dict[str, str] = {
+    "transformer_lens.": "toolkit.jacobian.bridge_rules:register_bridge_rules",
+}
+
+
+def provide_rules(model: nn.Module) -> list[str]:
+    """Register the library rule tables (:data:`RULE_PROVIDERS`) the classes inside ``model`` need.
+
+    A class no table covers stays uncovered, and :func:`toolkit.jacobian.freeze.check_supported`
+    names it.
+
+    Example:
+        >>> from toolkit.models.tiny import tiny_hf_model
+        >>> provide_rules(tiny_hf_model("llama"))      # only transformers classes: nothing to register
+        []
+    """
+    import importlib
+
+    modules = {type(m).__module__ for m in model.modules() if type(m) not in RULES}
+    added: list[str] = []
+    for prefix, target in RULE_PROVIDERS.items():
+        if any(name.startswith(prefix) for name in modules):
+            module_name, function = target.split(":")
+            added.extend(getattr(importlib.import_module(module_name), function)(model))
+    return added

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from toolkit.backends.transformer_lens_backend import tl_bridge_supports
+
 # Families of the Golden paper's model list / issue 12 that the toolkit does not serve yet: model_type -> why.
 NOT_YET: dict[str, str] = {
     "mamba2": "no freeze rule for Mamba2Mixer (chunked SSD scan, gated RMSNorm)",
@@ -70,17 +72,6 @@ def family_hf_class(family: str) -> str:
     if spec is None:
         raise ValueError(f"unknown family {family!r}; known: {', '.join(s.family for s in SPECS)}.")
     return hf_causal_lm_class(spec.model_types[0])
-
-
-def tl_bridge_supports(hf_class: str) -> bool:
-    """Whether the installed TransformerLens has a ``TransformerBridge`` adapter for this transformers class.
-
-    Example:
-        >>> tl_bridge_supports("MinistralForCausalLM"), tl_bridge_supports("Phi3ForCausalLM")
-        (False, True)
-    """
-    from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
-    return hf_class in SUPPORTED_ARCHITECTURES
 
 
 def _freeze_rules_cover(family: str, hf_class: str) -> bool:
