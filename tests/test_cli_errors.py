@@ -142,7 +142,7 @@ def test_zero_top_k_or_n_vectors_refused_before_any_work(no_model_load, capsys, 
 def test_zero_top_k_refused_by_the_analysis_itself():
     from toolkit.jacobian.analysis import analyze_jacobian
     from toolkit.jacobian.result import DetachedJacobian
-    r = DetachedJacobian(torch.randn(2, 4, 4), torch.randn(4), torch.randn(2, 4), torch.zeros(4), torch.tensor([1, 2]))
+    r = DetachedJacobian.random(T=2, d_out=4)
     for kwargs in ({"top_k": 0}, {"n_vectors": 0}):
         with pytest.raises(ValueError, match="must be a positive integer"):
             analyze_jacobian(r, W_U=torch.randn(4, 10), W_E=torch.randn(10, 4), decode=str, **kwargs)

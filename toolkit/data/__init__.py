@@ -10,6 +10,7 @@ Example:
     >>> positions = sample_positions(len(test), test.seq_len, per_text=8, seed=0)       # doctest: +SKIP
 """
 from toolkit.data.chunking import DEFAULT_SEQ_LEN, TokenizedTexts, chunk_corpus, detect_bos_prefix
+from toolkit.data import corpora
 from toolkit.data.corpora import (
     CORPUS_NAMES,
     WIKITEXT2_TEST_SHA256,
@@ -24,21 +25,5 @@ from toolkit.data.corpora import (
 )
 from toolkit.data.sampling import sample_positions, split_texts
 
-__all__ = [
-    "Corpus",
-    "CORPUS_NAMES",
-    "WIKITEXT2_TEST_SHA256",
-    "default_wikitext_test_path",
-    "embedded_corpus",
-    "text_file_corpus",
-    "wikitext_test_corpus",
-    "hub_wikitext103_validation",
-    "split_wikitext_articles",
-    "load_corpus",
-    "TokenizedTexts",
-    "DEFAULT_SEQ_LEN",
-    "chunk_corpus",
-    "detect_bos_prefix",
-    "split_texts",
-    "sample_positions",
-]
+__all__ = [*corpora.__all__, "TokenizedTexts", "DEFAULT_SEQ_LEN", "chunk_corpus", "detect_bos_prefix",
+           "split_texts", "sample_positions"]

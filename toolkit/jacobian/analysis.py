@@ -23,8 +23,7 @@ direction's top tokens depend on; the frozen ``1/rms`` is one positive number an
 Example:
     >>> import torch
     >>> from toolkit.jacobian.result import DetachedJacobian
-    >>> r = DetachedJacobian(torch.randn(2, 4, 4), torch.randn(4), torch.randn(2, 4), torch.zeros(4),
-    ...                      torch.tensor([1, 2]))
+    >>> r = DetachedJacobian.random(T=2, d_out=4)
     >>> a = analyze_jacobian(r, W_U=torch.randn(4, 10), W_E=torch.randn(10, 4), decode=str, top_k=3)
     >>> len(a.stable_rank), len(a.left[0][0]["tokens"])
     (2, 3)
@@ -173,8 +172,7 @@ class JacobianSVD(SavedResult):
         Example:
             >>> import torch
             >>> from toolkit.jacobian.result import DetachedJacobian
-            >>> r = DetachedJacobian(torch.randn(2, 4, 4), torch.randn(4), torch.randn(2, 4), torch.zeros(4),
-            ...                      torch.tensor([1, 2]))
+            >>> r = DetachedJacobian.random(T=2, d_out=4)
             >>> a = analyze_jacobian(r, W_U=torch.randn(4, 10), W_E=torch.randn(10, 4), decode=str, top_k=3)
             >>> len(a.top_tokens(position=-1, k=2))
             2

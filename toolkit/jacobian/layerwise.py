@@ -166,8 +166,7 @@ def prompt_matrix(result: DetachedJacobian, block: Block = "all") -> Tensor:
     """The matrix analysed for one target: ``[J_1 ... J_T]`` (``d_out x T*d``) or ``J_block``.
 
     Example:
-        >>> r = DetachedJacobian(torch.randn(3, 4, 5), torch.randn(4), torch.randn(3, 5), torch.zeros(4),
-        ...                      torch.tensor([1, 2, 3]))
+        >>> r = DetachedJacobian.random(T=3, d_out=4, d_in=5)
         >>> prompt_matrix(r).shape, prompt_matrix(r, block=-1).shape
         (torch.Size([4, 15]), torch.Size([4, 5]))
     """

@@ -63,6 +63,23 @@ class DetachedJacobian(SavedResult):
         if self.reconstruction_error is None:
             self.reconstruction_error = relative_error(self.reconstruction(), self.y)
 
+    @classmethod
+    def random(cls, T: int = 2, d_out: int = 4, d_in: int | None = None, *, seed: int = 0,
+               settings: dict[str, Any] | None = None) -> "DetachedJacobian":
+        """A result of the right shapes filled with seeded random numbers (no model): for examples and
+        for testing code that consumes results. ``c`` is zero, ``token_ids`` are ``1..T``.
+
+        Example:
+            >>> r = DetachedJacobian.random(T=3, d_out=4, d_in=5)
+            >>> tuple(r.jacobian.shape), tuple(r.x.shape)
+            ((3, 4, 5), (3, 5))
+        """
+        d_in = d_out if d_in is None else d_in
+        g = torch.Generator().manual_seed(seed)
+        return cls(torch.randn(T, d_out, d_in, generator=g), torch.randn(d_out, generator=g),
+                   torch.randn(T, d_in, generator=g), torch.zeros(d_out), torch.arange(1, T + 1),
+                   settings=dict(settings or {}))
+
     @property
     def detached(self) -> bool:
         """Whether the nonlinear factors were detached (False: the ordinary Jacobian)."""

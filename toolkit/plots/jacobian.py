@@ -13,8 +13,7 @@ Example:
     >>> import torch
     >>> from toolkit.jacobian.analysis import analyze_jacobian
     >>> from toolkit.jacobian.result import DetachedJacobian
-    >>> r = DetachedJacobian(torch.randn(2, 4, 4), torch.randn(4), torch.randn(2, 4), torch.zeros(4),
-    ...                      torch.tensor([1, 2]))
+    >>> r = DetachedJacobian.random(T=2, d_out=4)
     >>> analysis = analyze_jacobian(r, torch.randn(4, 10), torch.randn(10, 4), str, top_k=3, n_vectors=2)
     >>> fig = decoded_tokens_table(analysis)
     >>> fig.write_html("/tmp/decoded.html")                       # doctest: +SKIP
@@ -82,8 +81,7 @@ def singular_spectra(analysis, max_rank: int | None = None) -> go.Figure:
         >>> import torch
         >>> from toolkit.jacobian.analysis import analyze_jacobian
         >>> from toolkit.jacobian.result import DetachedJacobian
-        >>> r = DetachedJacobian(torch.randn(2, 4, 4), torch.randn(4), torch.randn(2, 4), torch.zeros(4),
-        ...                      torch.tensor([1, 2]))
+        >>> r = DetachedJacobian.random(T=2, d_out=4)
         >>> analysis = analyze_jacobian(r, torch.randn(4, 10), torch.randn(10, 4), str, top_k=3, n_vectors=2)
         >>> fig = singular_spectra(analysis)
         >>> fig.layout.yaxis.type
@@ -120,8 +118,7 @@ def decoded_tokens_table(analysis, sides: Sequence[str] = ("left", "right")) -> 
         >>> import torch
         >>> from toolkit.jacobian.analysis import analyze_jacobian
         >>> from toolkit.jacobian.result import DetachedJacobian
-        >>> r = DetachedJacobian(torch.randn(2, 4, 4), torch.randn(4), torch.randn(2, 4), torch.zeros(4),
-        ...                      torch.tensor([1, 2]))
+        >>> r = DetachedJacobian.random(T=2, d_out=4)
         >>> analysis = analyze_jacobian(r, torch.randn(4, 10), torch.randn(10, 4), str, top_k=3, n_vectors=2)
         >>> fig = decoded_tokens_table(analysis)
         >>> fig.data[0].type
@@ -172,8 +169,7 @@ def layerwise_figure(spectra, max_rank: int | None = 64) -> go.Figure:
         >>> import torch
         >>> from toolkit.jacobian.layerwise import layerwise_spectra
         >>> from toolkit.jacobian.result import DetachedJacobian
-        >>> rs = {n: DetachedJacobian(torch.randn(2, 4, 4), torch.randn(4), torch.randn(2, 4), torch.zeros(4),
-        ...                           torch.tensor([1, 2]), settings={"n_layers": 2}) for n in (1, 2, "mlp.0", "output")}
+        >>> rs = {n: DetachedJacobian.random(T=2, d_out=4, settings={"n_layers": 2}) for n in (1, 2, "mlp.0", "output")}
         >>> fig = layerwise_figure(layerwise_spectra(rs, k=2))
         >>> len(fig.layout.annotations)
         4
