@@ -14,7 +14,8 @@ def write_jacobian_report(path: str | Path, title: str, detached, ordinary, anal
     contrast, or ``None``); ``analysis``: the detached one's :class:`~toolkit.jacobian.analysis.JacobianSVD`.
 
     Example:
-        >>> write_jacobian_report("runs/jacobian/report.html", "Marin", det, ordinary, svd)   # doctest: +SKIP
+        >>> write_jacobian_report(tmp / "report.html", "Marin", jac, None, svd).name
+        'report.html'
     """
     from toolkit.plots.jacobian import decoded_tokens_table, reconstruction_scatter, singular_spectra
 
@@ -43,7 +44,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     stable ranks and top decoded tokens per position.
 
     Example:
-        >>> print(format_summary(summary))                                     # doctest: +SKIP
+        >>> from toolkit.jacobian.run import run_jacobian
+        >>> print(format_summary(run_jacobian(model, "Paris is", out=tmp)).splitlines()[1])   # doctest: +ELLIPSIS
+        reconstruction error: detached ...e-0..., ordinary ...
     """
     if summary.get("route") == "matrix-free":
         lines = [f"{summary['model']} via {summary['backend']}, target {summary['target']!r}, {summary['n_tokens']} "
@@ -66,6 +69,7 @@ def write_figure_report(path: str | Path, title: str, text: str, figure, rows: l
     """One page for a result with one figure and one table (spectra, top-k SVDs).
 
     Example:
-        >>> write_figure_report("runs/top/report.html", "Top-8 SVD", "...", top.figure(), [])   # doctest: +SKIP
+        >>> write_figure_report(tmp / "top.html", "Top-2 SVD", "...", top.figure(), []).stat().st_size > 0
+        True
     """
     return write_report(path, title, [Section(title, text=text, figure=figure, table=rows)])

@@ -127,9 +127,10 @@ class DetachedJacobian(SavedResult):
         :func:`toolkit.make_backend` with its tokenizer for the token strings).
 
         Example:
-            >>> jac = toolkit.detached_jacobian(model, "The bridge out of Marin is the")   # doctest: +SKIP
-            >>> jac.svd(model).top_tokens(position=-1, k=5)                               # doctest: +SKIP
-            [' Golden', ...]
+            >>> import toolkit
+            >>> jac = toolkit.detached_jacobian(model, "The bridge out of Marin is the")
+            >>> " Golden" in jac.svd(model).top_tokens(position=-1, k=5)
+            True
         """
         from toolkit.backends import as_backend
         from toolkit.jacobian.analysis import analyze_with_model
@@ -141,7 +142,8 @@ class DetachedJacobian(SavedResult):
         decodes the vectors to tokens (:meth:`svd`).
 
         Example:
-            >>> jac.report("runs/jac/report.html", model)                                # doctest: +SKIP
+            >>> jac.report(tmp / "report.html", model).name
+            'report.html'
         """
         from toolkit.jacobian.report import write_jacobian_report
         title = title or f"Detached Jacobian of {self.settings.get('target', 'output')} " \
@@ -152,7 +154,8 @@ class DetachedJacobian(SavedResult):
         """``y`` against ``sum_i J_i x_i + c`` (exact on the diagonal), with an ordinary Jacobian for contrast.
 
         Example:
-            >>> fig = jac.figure()                                                        # doctest: +SKIP
+            >>> jac.figure().layout.xaxis.title.text is not None
+            True
         """
         from toolkit.plots.jacobian import reconstruction_scatter
         return reconstruction_scatter(self, ordinary, max_points=max_points)

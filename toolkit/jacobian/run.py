@@ -9,10 +9,11 @@
 * ``report.html`` — one self-contained page with the figures.
 
 Example:
-    >>> import toolkit
-    >>> summary = run_jacobian(toolkit.load_model(), "The capital of France is", out="/tmp/jac")  # doctest: +SKIP
-    >>> summary["detached"]["reconstruction_error"] < 1e-5                                         # doctest: +SKIP
+    >>> summary = run_jacobian(model, "Paris is", out=tmp / "jac")
+    >>> summary["detached"]["reconstruction_error"] < 1e-5
     True
+    >>> sorted(p.name for p in (tmp / "jac").iterdir())
+    ['detached_jacobian', 'jacobian.json', 'report.html']
 """
 from __future__ import annotations
 
@@ -47,7 +48,9 @@ def jacobian_pair(model, ids, target: str | int, chunk_size: int = 64):
     :func:`~toolkit.jacobian.compute.detached_jacobian`; the freeze is the same either way).
 
     Example:
-        >>> det, ordinary = jacobian_pair(model, model.to_tokens("Hi there")[0], "mlp.3")   # doctest: +SKIP
+        >>> det, ordinary = jacobian_pair(model, model.to_tokens("Hi there")[0], "mlp.3")
+        >>> det.reconstruction_error < 1e-5 < ordinary.reconstruction_error
+        True
     """
     from toolkit.jacobian.compute import detached_jacobian
     return tuple(detached_jacobian(model, ids, target=target, detached=d, chunk_size=chunk_size)
@@ -65,7 +68,9 @@ def run_jacobian(model, prompt: str = DEFAULT_PROMPT, target: str | int = "outpu
     ``"matrix-free"`` force one; the matrix-free route writes ``jacobian.json`` only.
 
     Example:
-        >>> summary = run_jacobian(toolkit.load_model(), "The capital of France is", out="/tmp/jac")  # doctest: +SKIP
+        >>> summary = run_jacobian(model, "Paris is", target="resid.3", out=tmp / "jac")
+        >>> summary["target"], summary["detached"]["reconstruction_error"] < 1e-5
+        ('resid.3', True)
     """
     from toolkit.jacobian.analysis import analyze_with_model
     from toolkit.jacobian.report import write_jacobian_report
