@@ -13,6 +13,8 @@ so every public example runs in ``make test`` instead of being skipped:
 - ``spectra``: ``toolkit.layerwise_spectra`` of ``toolkit.all_layer_jacobians`` on a tiny random Llama;
 - ``top``: the matrix-free top-2 SVD of the output Jacobian of ``ids``;
 - ``audit``: ``toolkit.check_freeze`` on a tiny random GPT-2;
+- ``tiny``, ``tiny_f``, ``tiny_x``: a tiny random Llama (HF), the function of its boundary ``h_1``
+  (last position) and the input embeddings ``[2, 64]`` it is taken at (for :func:`frozen_operator`);
 - ``tmp``: a fresh temporary folder (:class:`pathlib.Path`) per example.
 """
 from __future__ import annotations
@@ -78,7 +80,24 @@ def _audit():
     return toolkit.check_freeze(tiny_hf_model("gpt2"))
 
 
+def _tiny():
+    from toolkit.models.tiny import tiny_hf_model
+    return tiny_hf_model("llama")
+
+
+def _tiny_f():
+    from toolkit.jacobian.targets import state_function
+    return state_function(_get("tiny"), 1)
+
+
+def _tiny_x():
+    import torch
+    from toolkit.jacobian.targets import input_embeddings
+    return input_embeddings(_get("tiny"), torch.tensor([4, 5]))
+
+
 _FACTORIES: dict[str, Callable[[], Any]] = {
+    "tiny": _tiny, "tiny_f": _tiny_f, "tiny_x": _tiny_x,
     "model": _model, "ids": _ids, "jac": _jac, "svd": _svd, "analysis": _svd, "decomposition": _decomposition,
     "steering": _steering, "spectra": _spectra, "top": _top, "audit": _audit,
 }

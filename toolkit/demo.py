@@ -21,6 +21,15 @@ def run_demo(out: Path, model_name: str = "smollm2-135m", backend: str | None = 
 
     Example:
         >>> summary = run_demo(Path("runs/demo"))                            # doctest: +SKIP
+
+        Settings are checked before any model is loaded or anything is written:
+
+        >>> run_demo(tmp / "demo", n_train=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: n_train must be a positive integer (training texts), got 0; use 1 or more.
+        >>> list(tmp.iterdir())
+        []
     """
     import toolkit
     from toolkit.decompose.pipeline import check_decompose_settings, decompose

@@ -8,7 +8,9 @@ reconstruction errors and Jacobian SVDs in float64. Placement: ``device_map`` / 
 
 Example:
     >>> import toolkit
-    >>> model = toolkit.load_model()                       # SmolLM2-135M, offline  # doctest: +SKIP
+    >>> model = toolkit.load_model()                       # SmolLM2-135M, offline
+    >>> model.name, model.n_layers, model.d_model
+    ('nnsight', 30, 576)
     >>> model = toolkit.load_model("gpt2")                 # hub, TransformerLens   # doctest: +SKIP
     >>> model = toolkit.load_model("./my-llama", backend="tl")                     # doctest: +SKIP
 """
@@ -176,11 +178,13 @@ def load_model(name_or_path=DEFAULT_MODEL, backend: str | None = None, dtype: st
             through nnsight's simulation of a remote run (see :mod:`toolkit.backends.remote`).
 
     Example:
-        >>> model = load_model("smollm2-135m", backend="tl")     # doctest: +SKIP
-        >>> model.n_layers, model.d_model                         # doctest: +SKIP
-        (30, 576)
+        >>> tl = load_model("smollm2-135m", backend="tl")
+        >>> tl.name, tl.n_layers, tl.d_model
+        ('transformer_lens', 30, 576)
         >>> big = load_model("smollm2-135m", device_map="auto", max_memory={"cpu": "300MB"},
-        ...                  offload_folder="/tmp/offload")           # doctest: +SKIP
+        ...                  offload_folder=tmp / "offload")          # the upper blocks live on disk
+        >>> "disk" in set(big.hf_model.hf_device_map.values())
+        True
     """
     remote = check_remote(remote)                     # key and service first, before any loading
     if not isinstance(name_or_path, (str, Path)):

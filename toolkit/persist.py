@@ -106,7 +106,8 @@ class SavedResult:
         """Write this result as a folder at ``path`` (replacing an earlier saved result there); returns the path.
 
         Example:
-            >>> result.save("runs/smollm2")                      # doctest: +SKIP
+            >>> jac.save(tmp / "jac").name
+            'jac'
         """
         return save_result(self, path)
 
@@ -115,7 +116,9 @@ class SavedResult:
         """Read a folder written by ``save``; refuses other kinds, newer formats and damaged folders.
 
         Example:
-            >>> DetachedJacobian.load("runs/jacobian/detached_jacobian")   # doctest: +SKIP
+            >>> from toolkit.jacobian.result import DetachedJacobian
+            >>> DetachedJacobian.load(jac.save(tmp / "jac")).reconstruction_error == jac.reconstruction_error
+            True
         """
         return load_result(path, cls)
 
@@ -296,8 +299,8 @@ def read_meta(path: str | Path, noun: str = "saved result") -> dict[str, Any]:
     """``result.json`` of a saved result folder, checked to be readable (not its kind or files).
 
     Example:
-        >>> read_meta("runs/demo")["kind"]                           # doctest: +SKIP
-        'toolkit.decompose.DecompositionResult'
+        >>> read_meta(jac.save(tmp / "jac"))["kind"]
+        'toolkit.jacobian.result.DetachedJacobian'
     """
     path = Path(path)
     if path.is_file():
@@ -375,7 +378,8 @@ def load_result(path: str | Path, expected: type | None = None) -> Any:
     """Read a saved result folder, checking kind (against ``expected`` if given), version and files.
 
     Example:
-        >>> load_result("runs/demo").model_summary["rho_pooled"]     # doctest: +SKIP
+        >>> load_result(decomposition.save(tmp / "dec")).model_summary == decomposition.model_summary
+        True
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file

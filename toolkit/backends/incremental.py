@@ -11,10 +11,19 @@ the later keys), and a patch at boundary ``b`` needs only blocks ``b..L-1``: :fu
 enters the model at ``h_b`` (:func:`entering_at`), so nothing below the patch is recomputed.
 
 Example:
-    >>> caches = prefix_caches(model, ids[:1], [5, 9])      # states after 5 and after 9 tokens  # doctest: +SKIP
-    >>> step = repeat_cache(caches[0], 30)                   # one row per layer to patch          # doctest: +SKIP
-    >>> cache, normed = full_cache(model, ids)               # whole texts, once                   # doctest: +SKIP
-    >>> out = run_queries(model, cache, ids.shape[1], 12, h12_patched, positions)  # blocks 12.. only  # doctest: +SKIP
+    A query that re-enters an unchanged ``h_12`` gets the full forward's output back, running blocks 12.. only:
+
+    >>> import torch
+    >>> text = model.to_tokens("The capital of France is Paris, and the capital of Spain is")   # [1, T]
+    >>> cache, normed = full_cache(model, text)               # whole texts, once
+    >>> positions = torch.tensor([[4, 9]])
+    >>> h12 = model.hidden_states(text, layers=[12])[0][:, positions[0]]        # [1, 2, d]
+    >>> out = run_queries(model, cache, text.shape[1], 12, h12, positions)
+    >>> torch.allclose(out, normed[:, positions[0]], atol=1e-4)
+    True
+    >>> caches = prefix_caches(model, text, [5, 9])          # states after 5 and after 9 tokens
+    >>> caches[1].get_seq_length(), repeat_cache(caches[0], 3).layers[0].keys.shape[0]
+    (9, 3)
 """
 from __future__ import annotations
 

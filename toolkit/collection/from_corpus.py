@@ -4,11 +4,12 @@ This is the paper's setup (appendix A.2) in one call: fixed-length texts, a trai
 by text, a few seeded positions per text.
 
 Example:
-    >>> import toolkit
     >>> from toolkit.collection.from_corpus import collect_from_corpus
-    >>> model = toolkit.load_model()                                          # doctest: +SKIP
-    >>> train, test = collect_from_corpus(model, "wikitext-test", n_train=100, n_test=20)  # doctest: +SKIP
-    >>> X, Y = train.pairs(10)                                                 # doctest: +SKIP
+    >>> train, test = collect_from_corpus(model, "wikitext-test", n_train=6, n_test=2, seq_len=32, per_text=2,
+    ...                                   layers=[10], use_cache=False, progress=False)   # model = toolkit.load_model()
+    >>> X, Y = train.pairs(10)                                 # h_10 and h_11 at 6 texts x 2 positions
+    >>> X.shape[0]
+    12
 """
 from __future__ import annotations
 

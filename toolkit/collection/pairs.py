@@ -8,11 +8,12 @@ the token ids, the positions, the boundaries); a second call with the same input
 it without running the model.
 
 Example:
-    >>> import toolkit, torch
-    >>> model = toolkit.load_model()                                    # doctest: +SKIP
-    >>> tokens = torch.randint(0, 1000, (16, 64)); positions = torch.tensor([[5, 40]] * 16)
-    >>> states = collect_hidden_states(model, tokens, positions, layers=[3])   # doctest: +SKIP
-    >>> X, Y = states.pairs(3)            # [32, 576] each: h_3 and h_4     # doctest: +SKIP
+    >>> import torch
+    >>> tokens = torch.randint(0, 1000, (4, 16)); positions = torch.tensor([[5, 12]] * 4)
+    >>> states = collect_hidden_states(model, tokens, positions, layers=[3], use_cache=False, progress=False)
+    >>> X, Y = states.pairs(3)            # h_3 and h_4 at the 8 positions     # model = toolkit.load_model()
+    >>> tuple(X.shape), tuple(Y.shape)
+    ((8, 576), (8, 576))
 """
 from __future__ import annotations
 

@@ -267,8 +267,8 @@ def text_file_corpus(
             holds NUL bytes (binary), is refused with its name and the fix.
 
     Example:
-        >>> c = text_file_corpus("../shared/data/wikitext-2-raw/wiki.test.raw")   # doctest: +SKIP
-        >>> c.titles[0]                                                           # doctest: +SKIP
+        >>> c = text_file_corpus(default_wikitext_test_path())     # ../shared/data/wikitext-2-raw/wiki.test.raw
+        >>> c.titles[0]
         'Robert Boulter'
     """
     path = Path(path)
@@ -313,8 +313,8 @@ def wikitext_test_corpus(path: str | Path | None = None) -> Corpus:
     Always checks :data:`WIKITEXT2_TEST_SHA256`; one document per article (62 articles).
 
     Example:
-        >>> c = wikitext_test_corpus()          # doctest: +SKIP
-        >>> len(c), c.titles[0]                 # doctest: +SKIP
+        >>> c = wikitext_test_corpus()
+        >>> len(c), c.titles[0]
         (62, 'Robert Boulter')
     """
     path = Path(path) if path is not None else default_wikitext_test_path()
@@ -340,6 +340,14 @@ def hub_wikitext103_validation() -> Corpus:
         >>> c = hub_wikitext103_validation()    # doctest: +SKIP
         >>> c.name                              # doctest: +SKIP
         'wikitext103-validation'
+
+        Offline (``HF_HUB_OFFLINE=1``, as in the tests) it says what to use instead:
+
+        >>> try:
+        ...     hub_wikitext103_validation()
+        ... except RuntimeError as err:
+        ...     print("load_corpus('wikitext-test')" in str(err))
+        True
     """
     fallback = ("Use the local WikiText test split instead: load_corpus('wikitext-test') or "
                 f"text_file_corpus({str(default_wikitext_test_path())!r}, sha256=WIKITEXT2_TEST_SHA256).")

@@ -21,8 +21,15 @@ pass over the vocabulary, without forming their logits (:func:`toolkit.decompose
 benchmarks compare against.
 
 Example:
-    >>> values = {11: predicted_h11}   # [n_texts * per_text, d_model], rows as in CollectedStates  # doctest: +SKIP
-    >>> kl = patched_kl(model, tokens, positions, values)   # {11: [n_texts * per_text]}  # doctest: +SKIP
+    Patching ``h_11`` with its own value changes nothing; with a shuffled one, the output moves:
+
+    >>> import torch
+    >>> tokens = model.to_tokens("The capital of France is Paris, and the capital of Spain is")   # [1, T]
+    >>> positions = torch.tensor([[4, 9]])
+    >>> h11 = model.hidden_states(tokens, layers=[11])[0][0, positions[0]]      # [2, d]: rows as in CollectedStates
+    >>> kl = patched_kl(model, tokens, positions, {11: h11, ("swapped", 11): h11.flip(0)}, progress=False)
+    >>> float(kl[11].abs().max()) < 1e-4, bool((kl[("swapped", 11)] > 0.1).all())
+    (True, True)
 """
 from __future__ import annotations
 

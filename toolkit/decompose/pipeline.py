@@ -10,11 +10,11 @@ the same intervention pass, mean update, global ridge map, random neighbourhoods
 controls (:mod:`toolkit.decompose.controls`) and the verdict table (:mod:`toolkit.decompose.verdicts`).
 
 Example:
-    >>> import toolkit
-    >>> from toolkit.decompose.pipeline import decompose
-    >>> model = toolkit.load_model()                                            # doctest: +SKIP
-    >>> result = decompose(model, "wikitext-test", layers=[5, 15], n_train=200, n_test=50)  # doctest: +SKIP
-    >>> result.model_summary["rho_pooled"]["rho"]                               # doctest: +SKIP
+    >>> import toolkit                                    # model = toolkit.load_model(): SmolLM2-135M, offline
+    >>> result = toolkit.decompose_layers(model, "embedded", layers=[5], n_train=24, n_test=6, seq_len=32,
+    ...                                   per_text=4, k=16, rank=4, compare_mlp=False, progress=False)
+    >>> -1 <= result.model_summary["rho_pooled"]["rho"] <= 1
+    True
 """
 from __future__ import annotations
 

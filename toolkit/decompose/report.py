@@ -80,7 +80,8 @@ def format_summary(result) -> str:
     """The terminal summary: the per-layer table, the pooled rho with its interval, the timings.
 
     Example:
-        >>> print(format_summary(result))                                   # doctest: +SKIP
+        >>> "rho" in format_summary(decomposition)
+        True
     """
     pooled = result.model_summary["rho_pooled"]
     verdicts = ("\nDo the claims survive the controls?\n" + format_table(verdict_rows(result))

@@ -27,8 +27,10 @@ checksums), ``anchors.npz`` (the arrays) and ``anchors.csv`` (the same, for spre
 in as a whole.
 
 Example:
-    >>> result = decompose(model, "wikitext-test", layers=[10])      # doctest: +SKIP
-    >>> result.save("runs/smollm2"); toolkit.load("runs/smollm2").layer_summary  # doctest: +SKIP
+    >>> import toolkit
+    >>> path = decomposition.save(tmp / "smollm2")      # decomposition = toolkit.decompose_layers(model, ...)
+    >>> toolkit.load(path).layer_summary == decomposition.layer_summary
+    True
 """
 from __future__ import annotations
 

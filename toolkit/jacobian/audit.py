@@ -122,7 +122,7 @@ class FreezeAudit:
         """A pandas DataFrame of the ``"checks"`` (name, value, tolerance, passed) or the ``"modules"``.
 
         Example:
-            >>> audit.to_frame().columns.tolist()                     # doctest: +SKIP
+            >>> audit.to_frame().columns.tolist()
             ['check', 'value', 'tolerance', 'passed', 'detail']
         """
         import pandas as pd  # a dependency of transformer-lens

@@ -82,10 +82,14 @@ def register_bridge_rules(hf_model: nn.Module) -> list[str]:
     module docstring); ``HookPoint`` is declared linear. Classes already in the table are kept.
 
     Example:
-        >>> from toolkit.backends import make_backend                          # doctest: +SKIP
-        >>> tl = make_backend(hf, tokenizer, backend="tl")                     # doctest: +SKIP
-        >>> register_bridge_rules(hf)[:1]                                      # doctest: +SKIP
-        ['transformer_lens.hook_points.HookPoint']
+        >>> from transformer_lens.hook_points import HookPoint
+        >>> from toolkit.backends import make_backend
+        >>> from toolkit.models.tiny import tiny_hf_model
+        >>> hf = tiny_hf_model("llama")
+        >>> _ = make_backend(hf, model.tokenizer, backend="tl")     # TransformerBridge wraps hf in place
+        >>> _ = register_bridge_rules(hf)                           # (empty when an earlier model registered them)
+        >>> RULES[HookPoint].kind, RULES[type(hf.model.layers[0])].kind
+        ('linear', 'bridge')
     """
     classes = {type(m) for m in hf_model.modules() if type(m).__module__.startswith(_TL_PREFIX)}
     new = [c for c in classes if c not in RULES]

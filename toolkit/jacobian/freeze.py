@@ -62,8 +62,11 @@ class FreezeSession:
         """Capture the detached factors of the forward passes in this block.
 
         Example:
-            >>> with detached(model) as freeze, freeze.recording():   # doctest: +SKIP
-            ...     model(ids)
+            >>> import torch
+            >>> with detached(tiny) as freeze, freeze.recording():
+            ...     _ = tiny(torch.tensor([[4, 5]]))
+            >>> len(freeze.store.factors) > 0                 # one factor per norm, gate and attention site
+            True
         """
         return self.store.mode_as("record")
 
@@ -71,8 +74,14 @@ class FreezeSession:
         """Reuse the recorded factors, whatever the input (the frozen linear map at fixed factors).
 
         Example:
-            >>> with freeze.replaying():                              # doctest: +SKIP
-            ...     model(inputs_embeds=torch.zeros_like(x))          # the constant term
+            >>> import torch
+            >>> with detached(tiny) as freeze:
+            ...     with freeze.recording():
+            ...         live = tiny.model(inputs_embeds=tiny_x[None]).last_hidden_state
+            ...     with freeze.replaying():                          # the same factors at another input
+            ...         c = tiny.model(inputs_embeds=torch.zeros_like(tiny_x)[None]).last_hidden_state
+            >>> c.shape == live.shape
+            True
         """
         return self.store.mode_as("replay")
 

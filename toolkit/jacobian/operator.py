@@ -199,7 +199,8 @@ class FrozenOperator:
         """``[B, *in_shape] -> [B, *out_shape]`` (forward mode, or a batched replay for a linear map).
 
         Example:
-            >>> op.jvp(torch.zeros(2, *op.in_shape)).shape == (2, *op.out_shape)   # doctest: +SKIP
+            >>> with frozen_operator(tiny, tiny_f, tiny_x) as op:
+            ...     op.jvp(torch.zeros(2, *op.in_shape)).shape == (2, *op.out_shape)
             True
         """
         if tangents.shape[1:] != self.x.shape:
@@ -213,7 +214,8 @@ class FrozenOperator:
         """``[B, *out_shape] -> [B, *in_shape]`` (reverse mode, on the recorded graph).
 
         Example:
-            >>> op.vjp(torch.zeros(2, *op.out_shape)).shape == (2, *op.in_shape)   # doctest: +SKIP
+            >>> with frozen_operator(tiny, tiny_f, tiny_x) as op:
+            ...     op.vjp(torch.zeros(2, *op.out_shape)).shape == (2, *op.in_shape)
             True
         """
         return batched_vjp(self._y_graph, self._x_graph, cotangents, self.chunk_size)
@@ -222,7 +224,8 @@ class FrozenOperator:
         """``J V`` for flat columns ``V`` ``[n, b]`` -> ``[m, b]``.
 
         Example:
-            >>> op.matvec(torch.randn(op.shape[1], 3)).shape == (op.shape[0], 3)   # doctest: +SKIP
+            >>> with frozen_operator(tiny, tiny_f, tiny_x) as op:
+            ...     op.matvec(torch.randn(op.shape[1], 3)).shape == (op.shape[0], 3)
             True
         """
         b = V.shape[1]
@@ -232,7 +235,8 @@ class FrozenOperator:
         """``J^T U`` for flat columns ``U`` ``[m, b]`` -> ``[n, b]``.
 
         Example:
-            >>> op.rmatvec(torch.randn(op.shape[0], 3)).shape == (op.shape[1], 3)  # doctest: +SKIP
+            >>> with frozen_operator(tiny, tiny_f, tiny_x) as op:
+            ...     op.rmatvec(torch.randn(op.shape[0], 3)).shape == (op.shape[1], 3)
             True
         """
         b = U.shape[1]
@@ -242,7 +246,8 @@ class FrozenOperator:
         """The formed ``J`` ``[m, n]``: rows by VJPs (``m`` of them) or columns by JVPs (``n``); ``progress``: a bar.
 
         Example:
-            >>> op.dense("forward").shape == op.shape                              # doctest: +SKIP
+            >>> with frozen_operator(tiny, tiny_f, tiny_x) as op:
+            ...     torch.allclose(op.dense("forward"), op.dense("reverse"), atol=1e-5)
             True
         """
         m, n = self.shape
@@ -265,7 +270,8 @@ class FrozenOperator:
         """``c = f(0)`` with the recorded factors (detached) or the plain model (ordinary).
 
         Example:
-            >>> op.constant().shape == op.out_shape                               # doctest: +SKIP
+            >>> with frozen_operator(tiny, tiny_f, tiny_x) as op:
+            ...     op.constant().shape == op.out_shape
             True
         """
         return self._constant

@@ -129,8 +129,8 @@ class DetachedJacobian(SavedResult):
         Example:
             >>> import toolkit
             >>> jac = toolkit.detached_jacobian(model, "The bridge out of Marin is the")
-            >>> " Golden" in jac.svd(model).top_tokens(position=-1, k=5)
-            True
+            >>> jac.svd(model).top_tokens(position=1, k=5)       # u_1 of J at " bridge", through W_U
+            [' Highway', ' bridge', ' Link', ' Pipeline', ' connecting']
         """
         from toolkit.backends import as_backend
         from toolkit.jacobian.analysis import analyze_with_model

@@ -46,14 +46,13 @@ patches, so steering runs through nnsight and TransformerLens alike; the concept
 ``F`` is the backend's own (:meth:`toolkit.backends.base.Backend.target_function`).
 
 Example:
-    >>> import toolkit
-    >>> model = toolkit.load_model("smollm2-135m")                                   # doctest: +SKIP
     >>> r = steer(model, "The bridge out of Marin is the Golden", "I'm going to Arizona to see the",
-    ...           at="resid.25", lam=1.0, max_new_tokens=12)                         # doctest: +SKIP
-    >>> print(r.baseline.text, "|", r.steered.text)                                  # doctest: +SKIP
+    ...           at="resid.20", lam=1.0, max_new_tokens=6)           # model = toolkit.load_model()
+    >>> r.baseline.text != r.steered.text, r.delta_concept_logprob(r.steered) > 0
+    (True, True)
     >>> sweep = steering_sweep(model, "The bridge out of Marin is the Golden", "Here is a painting of the",
-    ...                        at=["resid.15", "resid.20", "resid.25"], lams=[0.5, 1, 2])  # doctest: +SKIP
-    >>> sweep.figure().write_html("steering.html")                                   # doctest: +SKIP
+    ...                        at=["resid.15", "resid.20"], lams=[1.0], max_new_tokens=3)
+    >>> sweep.figure().write_html(tmp / "steering.html")
 """
 from __future__ import annotations
 
@@ -143,7 +142,9 @@ class ConceptOperator:
         """The ``[N, d]`` input ``X`` with ``J X = A(x')_t`` for new position ``t`` (``x_new``: ``[>t, d]``).
 
         Example:
-            >>> op.concept_input(torch.ones(3, 64), 2).shape                    # doctest: +SKIP
+            >>> from toolkit.backends import make_backend
+            >>> op = ConceptOperator(make_backend(tiny, backend="nnsight"), torch.tensor([5, 6, 7]), layer=1)
+            >>> op.concept_input(torch.ones(3, 64), 2).shape
             torch.Size([3, 64])
         """
         X = torch.zeros_like(self.x_star)
@@ -161,7 +162,10 @@ class ConceptOperator:
         """``A(x')_t`` for each ``t`` in ``positions``: ``[len(positions), d]`` (``x_new``: ``h_0`` of the new text).
 
         Example:
-            >>> op.apply(input_embeddings(model.hf_model, ids), range(len(ids)))  # doctest: +SKIP
+            >>> from toolkit.backends import make_backend
+            >>> op = ConceptOperator(make_backend(tiny, backend="nnsight"), torch.tensor([5, 6, 7]), layer=1)
+            >>> op.apply(input_embeddings(tiny, torch.tensor([4, 5])), range(2)).shape
+            torch.Size([2, 64])
         """
         inputs = [self.concept_input(x_new, t) for t in positions]
         keys = [X.detach().float().cpu().numpy().tobytes() for X in inputs]

@@ -11,7 +11,8 @@ def write_steering_report(result, path: str | Path) -> Path:
     """One self-contained page: the λ × layer comparison figure, a table of runs and the settings.
 
     Example:
-        >>> write_steering_report(result, "runs/steer/report.html")            # doctest: +SKIP
+        >>> write_steering_report(steering, tmp / "steer.html").exists()
+        True
     """
     s = result.settings
     rows = [{k: (f"{v:+.3f}" if k.startswith("d log") else v) for k, v in row.items()} for row in result.rows()]
@@ -32,7 +33,8 @@ def format_summary(result, width: int = 100) -> str:
     """Side-by-side text for the terminal: the unsteered continuation next to each steered one.
 
     Example:
-        >>> print(format_summary(result))                                       # doctest: +SKIP
+        >>> print(format_summary(steering).splitlines()[0])                # doctest: +ELLIPSIS
+        smollm2-135m via nnsight, operator 'sum': concept 'The bridge out of Marin is the Golden'...
     """
     s = result.settings
     lines = [f"{s['model_id']} via {s['backend']}, operator {s['operator']!r}: concept {result.concept_prompt!r}",

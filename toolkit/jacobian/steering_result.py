@@ -121,7 +121,8 @@ class SteeringResult(SavedResult):
         """The run steered at ``layer`` with weight ``lam``.
 
         Example:
-            >>> result.run(20, 1.0).text                              # doctest: +SKIP
+            >>> steering.run(20, 1.0).text == steering.steered.text       # the default depth and weight
+            True
         """
         for r in self.runs:
             if r.layer == layer and r.lam == lam:
@@ -137,7 +138,7 @@ class SteeringResult(SavedResult):
         """One dict per run, baseline first: what the report table and the CLI summary show.
 
         Example:
-            >>> result.rows()[0]["layer"]                             # doctest: +SKIP
+            >>> steering.rows()[0]["layer"]
             '-'
         """
         out = []
@@ -151,7 +152,8 @@ class SteeringResult(SavedResult):
         """:meth:`rows` as a ``pandas.DataFrame`` (one row per continuation: layer, lam, Δ log p, text).
 
         Example:
-            >>> result.to_frame()                                             # doctest: +SKIP
+            >>> steering.to_frame()[["layer", "lam"]].values.tolist()[1]
+            [20, 1.0]
         """
         import pandas as pd
         return pd.DataFrame(self.rows())
@@ -165,7 +167,8 @@ class SteeringResult(SavedResult):
         """Write the self-contained HTML report (:func:`toolkit.jacobian.steering_report.write_steering_report`).
 
         Example:
-            >>> result.report("runs/steer/report.html")               # doctest: +SKIP
+            >>> steering.report(tmp / "steer.html").exists()
+            True
         """
         from toolkit.jacobian.steering_report import write_steering_report
         return write_steering_report(self, path)

