@@ -27,7 +27,7 @@ def run_demo(out: Path, model_name: str = "smollm2-135m", backend: str | None = 
         >>> run_demo(tmp / "demo", n_train=0)
         Traceback (most recent call last):
         ...
-        ValueError: n_train must be a positive integer (training texts), got 0; use 1 or more.
+        ValueError: n_train (--n-train) must be a positive integer (training texts), got 0; use 1 or more.
         >>> list(tmp.iterdir())
         []
     """

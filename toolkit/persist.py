@@ -300,7 +300,7 @@ def read_meta(path: str | Path, noun: str = "saved result") -> dict[str, Any]:
 
     Example:
         >>> read_meta(jac.save(tmp / "jac"))["kind"]
-        'toolkit.jacobian.result.DetachedJacobian'
+        'toolkit.jacobian.DetachedJacobian'
     """
     path = Path(path)
     if path.is_file():

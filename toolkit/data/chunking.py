@@ -90,6 +90,7 @@ class TokenizedTexts:
         """The texts at ``indices`` (in that order), with their provenance and metadata.
 
         Example:
+            >>> from toolkit.data.corpora import load_corpus
             >>> texts = chunk_corpus(load_corpus("embedded"), model.tokenizer, seq_len=64, max_texts=10)
             >>> texts.select(torch.tensor([0, 5])).tokens.shape
             torch.Size([2, 64])
@@ -102,6 +103,7 @@ class TokenizedTexts:
         """Save tokens and metadata to one ``torch.save`` file.
 
         Example:
+            >>> from toolkit.data.corpora import load_corpus
             >>> texts = chunk_corpus(load_corpus("embedded"), model.tokenizer, seq_len=64, max_texts=10)
             >>> texts.save(tmp / "texts.pt"); TokenizedTexts.load(tmp / "texts.pt").seq_len
             64
@@ -115,6 +117,7 @@ class TokenizedTexts:
         """Load what :meth:`save` wrote (tensors and plain metadata only: ``weights_only`` load).
 
         Example:
+            >>> from toolkit.data.corpora import load_corpus
             >>> chunk_corpus(load_corpus("embedded"), model.tokenizer, seq_len=64, max_texts=2).save(tmp / "t.pt")
             >>> TokenizedTexts.load(tmp / "t.pt").bos_prefixed          # SmolLM2 puts no BOS before a text
             False

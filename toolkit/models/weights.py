@@ -194,6 +194,7 @@ def dequantize_gguf(path: Path, folder: Path, shard_bytes: int = 1 << 29) -> Non
     (Qwen2.5-Coder-1.5B: 6 GB of float32 weights).
 
     Example:
+        >>> (tmp / "smollm2").mkdir()
         >>> dequantize_gguf(gguf_path(SMOLLM2), tmp / "smollm2")
         >>> sorted(p.suffix for p in (tmp / "smollm2").iterdir())[:2]
         ['.json', '.json']
