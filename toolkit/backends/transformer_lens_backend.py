@@ -8,7 +8,10 @@ hook ``blocks.{l}.hook_resid_pre``; boundary ``L`` is ``blocks.{L-1}.hook_resid_
 Example:
     >>> from toolkit.models.tiny import tiny_hf_model
     >>> from toolkit.backends import make_backend
-    >>> model = make_backend(tiny_hf_model("gpt2"), tokenizer=my_tokenizer, backend="transformer_lens")  # doctest: +SKIP
+    >>> tl = make_backend(tiny_hf_model("gpt2"), tokenizer=model.tokenizer, backend="transformer_lens")
+    >>> import torch                                     # (the tiny model's vocabulary is smaller: token ids)
+    >>> tl.bridge.hook_dict["blocks.0.hook_resid_pre"] is not None, tl.hidden_states(torch.tensor([[1, 2]])).shape
+    (True, torch.Size([3, 1, 2, 64]))
 """
 from __future__ import annotations
 

@@ -5,9 +5,11 @@ The usual path (the paper's appendix A.2 setup, with the offline corpus):
 Example:
     >>> from toolkit.data import load_corpus, chunk_corpus, split_texts, sample_positions
     >>> corpus = load_corpus("embedded")                      # or "wikitext-test", a path, ...
-    >>> texts = chunk_corpus(corpus, model.tokenizer, seq_len=192, n_ctx=model.n_ctx)   # doctest: +SKIP
-    >>> train, test = split_texts(texts, n_train=1000, n_test=250, seed=0)               # doctest: +SKIP
-    >>> positions = sample_positions(len(test), test.seq_len, per_text=8, seed=0)       # doctest: +SKIP
+    >>> texts = chunk_corpus(corpus, model.tokenizer, seq_len=192, n_ctx=model.n_ctx)   # model = toolkit.load_model()
+    >>> train, test = split_texts(texts, n_train=100, n_test=25, seed=0)                # the paper: 2000 / 500
+    >>> positions = sample_positions(len(test), test.seq_len, per_text=8, seed=0)
+    >>> train.tokens.shape, positions.shape
+    (torch.Size([100, 192]), torch.Size([25, 8]))
 """
 from toolkit.data.chunking import DEFAULT_SEQ_LEN, TokenizedTexts, chunk_corpus, detect_bos_prefix
 from toolkit.data import corpora

@@ -13,9 +13,12 @@ activations), so it would dominate neighbour searches and error statistics witho
 saying anything about ordinary tokens.
 
 Example:
-    >>> from toolkit.data import split_texts, sample_positions
-    >>> train, test = split_texts(texts, n_train=2000, n_test=500, seed=0)    # doctest: +SKIP
-    >>> pos = sample_positions(len(test), test.seq_len, per_text=8, seed=0)  # doctest: +SKIP
+    >>> from toolkit.data import chunk_corpus, load_corpus, split_texts, sample_positions
+    >>> texts = chunk_corpus(load_corpus("embedded"), model.tokenizer, seq_len=64)
+    >>> train, test = split_texts(texts, n_train=200, n_test=50, seed=0)       # the paper: 2000 / 500
+    >>> pos = sample_positions(len(test), test.seq_len, per_text=8, seed=0)
+    >>> len(train), tuple(pos.shape), int(pos.min()) >= 1
+    (200, (50, 8), True)
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ Example:
     >>> r = DetachedJacobian.random(T=2, d_out=4)
     >>> analysis = analyze_jacobian(r, torch.randn(4, 10), torch.randn(10, 4), str, top_k=3, n_vectors=2)
     >>> fig = decoded_tokens_table(analysis)
-    >>> fig.write_html("/tmp/decoded.html")                       # doctest: +SKIP
+    >>> fig.write_html(tmp / "decoded.html")
 """
 from __future__ import annotations
 
