@@ -150,3 +150,14 @@ def test_subpackages_import_each_other_one_way():
 
     cycles = sorted(f"{a} -> {b}" for a in edges for b in edges[a] if reaches(b, a, {b}))
     assert not cycles, f"package import cycles: {cycles}"
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_before_the_model_runs(smollm2_tokenizer):
+    from toolkit.models.tiny import tiny_hf_model
+
+    tiny = toolkit.make_backend(tiny_hf_model("llama"), smollm2_tokenizer, backend="nnsight")
+    with pytest.raises(ValueError, match="outside .* vocabulary .* another model's tokenizer"):
+        tiny.hidden_states("Hello world, this is SmolLM2's tokenizer")  # ids beyond the tiny model's vocabulary
+    with pytest.raises(ValueError, match="token id -1 is outside"):
+        tiny.logits(torch.tensor([[1, -1]]))
+    assert tiny.logits(torch.tensor([[1, 2]])).shape[:2] == (1, 2)

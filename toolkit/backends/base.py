@@ -134,6 +134,11 @@ class Backend(ABC):
         if input_ids.shape[1] > self.n_ctx:
             raise ValueError(f"sequence of {input_ids.shape[1]} tokens is longer than the context of "
                              f"{self.info.model_id} ({self.n_ctx}); use a shorter seq_len or truncate the prompt.")
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.info.vocab_size):
+            bad = int(input_ids.max()) if int(input_ids.max()) >= self.info.vocab_size else int(input_ids.min())
+            raise ValueError(f"token id {bad} is outside {self.info.model_id}'s vocabulary (0..{self.info.vocab_size - 1}); "
+                             f"were the ids made by another model's tokenizer? Tokenise with this model's "
+                             f"(model.to_tokens) or pass ids below {self.info.vocab_size}.")
         return input_ids.to(self.device)
 
     # ----- tokens ---------------------------------------------------------------------------
