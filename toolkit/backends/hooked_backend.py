@@ -177,26 +177,29 @@ def hooked_from_hf(hf_model: nn.Module, tokenizer, model_id: str | None = None) 
             except OSError:
                 pass  # its hub config is not cached here (offline): build from the HF model's own config below
         with tempfile.TemporaryDirectory(prefix="toolkit-hooked-") as folder:  # a neutral name: TL reads names
-            _save_config(hf_model.config, folder)
+            _save_config(hf_model, folder)
             cfg = loading.get_pretrained_model_config(folder, hf_cfg=hf_model.config.to_dict(), dtype=dtype,
                                                       device=device)
             state = loading.get_pretrained_state_dict(folder, cfg, hf_model, dtype=dtype)
         hooked = HookedTransformer(cfg, tokenizer, move_to_device=False)
         hooked.load_and_process_state_dict(state, fold_ln=False, center_writing_weights=False, center_unembed=False,
                                            fold_value_biases=False, refactor_factored_attn_matrices=False)
-    except (NotImplementedError, KeyError, AttributeError) as err:
+    except (NotImplementedError, KeyError, AttributeError, TypeError) as err:
         raise ValueError(f"TransformerLens {_tl_version()} cannot build a HookedTransformer for "
                          f"{type(hf_model).__name__} ({err}); use backend='nnsight' (every family) or "
                          f"backend='tl'.") from err
     return hooked.to(device).eval()
 
 
-def _save_config(config, folder: str) -> None:
-    """``config.json`` as TransformerLens 3 reads it (its GPT-2 converter reads ``n_ctx``, which
-    transformers 5 no longer keeps: it is ``n_positions``)."""
-    config.save_pretrained(folder)
+def _save_config(hf_model: nn.Module, folder: str) -> None:
+    """``config.json`` as TransformerLens 3 reads it: ``architectures`` names the class (TransformerLens
+    picks its converter by it; a config converted from GGUF has none), and GPT-2's ``n_ctx`` (read by
+    TransformerLens, no longer kept by transformers 5: it is ``n_positions``)."""
+    hf_model.config.save_pretrained(folder)
     path = Path(folder) / "config.json"
     data = json.loads(path.read_text())
+    if not data.get("architectures"):
+        data["architectures"] = [type(hf_model).__name__]
     if data.get("model_type") == "gpt2" and "n_ctx" not in data:
         data["n_ctx"] = data["n_positions"]
     path.write_text(json.dumps(data))
