@@ -167,6 +167,24 @@ def test_user_hooked_transformer_needs_its_own_hf_model(smollm2_tokenizer, hooke
     assert model.hooked is ht and (model.logits(IDS) - hf(IDS).logits).abs().max() < 1e-4
 
 
+def test_interventions_run_through_the_hooked_model(smollm2_tokenizer, hooked_tl):
+    """The decomposition's KL interventions: the hooked backend keeps no transformers cache, so they run as
+    full patched forwards through the HookedTransformer, and agree with nnsight's cached path."""
+    from toolkit.decompose.interventions import patched_kl
+    ref, model = pair("llama", smollm2_tokenizer)
+    assert not model.kv_cache_support and ref.kv_cache_support
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 500, (2, 10), generator=generator)
+    positions = torch.tensor([[2, 5], [3, 7]])
+    values = {1: torch.randn(4, 64, generator=generator), ("shuffled", 2): torch.randn(4, 64, generator=generator)}
+    for kl_positions in ("next", "later"):
+        a = patched_kl(ref, tokens, positions, values, kl_positions, progress=False)
+        b = patched_kl(model, tokens, positions, values, kl_positions, progress=False)
+        for key in values:
+            assert (b[key] > 0).all()
+            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-7)
+
+
 # ----- real models -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def smollm2_hooked(hooked_tl):
