@@ -201,6 +201,9 @@ def test_smollm2_hooked_equals_nnsight_and_runs_both_analyses(smollm2_hooked, sm
     assert (model.logits(ids) - ref.logits(ids)).abs().max() < 5e-4
     pos, values = torch.tensor([[2]]), 1.5 * ref_hs[10, :, [1]]
     assert (model.run_with_patch(ids, 10, pos, values) - ref.run_with_patch(ids, 10, pos, values)).abs().max() < 5e-4
+    again = make_backend(model.hooked)               # a bare HookedTransformer of a registry model: its HF copy found
+    assert again.hf_model is not model.hf_model and again.info.model_id == "smollm2-135m"
+    assert (again.logits(ids) - model.logits(ids)).abs().max() == 0
     short = ids[0, :3]
     a = toolkit.detached_jacobian(ref, short, target="resid.6")
     b = toolkit.detached_jacobian(model, short, target="resid.6")

@@ -132,7 +132,8 @@ def _wrap_hooked(hooked, tokenizer, model_id: str | None, hf_model) -> Backend:
     names = [n for n in (model_id, getattr(hooked.cfg, "tokenizer_name", None),
                          getattr(hooked.cfg, "model_name", None)) if n]
     if hf_model is None:
-        hf_model = _registry_hf_model(names, dtype=hooked.cfg.dtype, device=hooked.W_E.device)
+        hf_model, model_id = _registry_hf_model(names, dtype=hooked.cfg.dtype, device=hooked.W_E.device), \
+            model_id or _registry_name(names)
     if hf_model is None:
         raise ValueError(f"make_backend(HookedTransformer) needs the HF model it was built from (hf_model=...): the "
                          f"toolkit reads config facts from it, and {names[-1] if names else 'this model'} is not a "
@@ -143,17 +144,27 @@ def _wrap_hooked(hooked, tokenizer, model_id: str | None, hf_model) -> Backend:
     return HookedTransformerBackend(hf_model, tokenizer, model_info(hf_model, model_id), hooked)
 
 
-def _registry_hf_model(names: list[str], dtype, device):
-    """The registry's offline copy of a model known by one of ``names`` (pip-installed weights), or None."""
+def _registry_name(names: list[str]) -> str | None:
+    """The registry name of the first of ``names`` whose weights are installed here (pip), or None."""
     from toolkit.models.registry import find_entry
-    from toolkit.models.weights import converted_folder, is_available
+    from toolkit.models.weights import is_available
     for name in names:
         entry = find_entry(name) or find_entry(name.split("/")[-1])
         if entry is not None and entry.pip_source is not None and is_available(entry.pip_source):
-            from transformers import AutoModelForCausalLM
-            folder = str(converted_folder(entry.pip_source))
-            return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+            return entry.name
     return None
+
+
+def _registry_hf_model(names: list[str], dtype, device):
+    """The registry's offline copy of a model known by one of ``names`` (pip-installed weights), or None."""
+    from toolkit.models.registry import find_entry
+    from toolkit.models.weights import converted_folder
+    name = _registry_name(names)
+    if name is None:
+        return None
+    from transformers import AutoModelForCausalLM
+    folder = str(converted_folder(find_entry(name).pip_source))
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
 
 
 def as_backend(model, tokenizer=None) -> Backend:

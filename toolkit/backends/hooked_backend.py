@@ -181,6 +181,7 @@ def hooked_from_hf(hf_model: nn.Module, tokenizer, model_id: str | None = None) 
             cfg = loading.get_pretrained_model_config(folder, hf_cfg=hf_model.config.to_dict(), dtype=dtype,
                                                       device=device)
             state = loading.get_pretrained_state_dict(folder, cfg, hf_model, dtype=dtype)
+        cfg.model_name = model_id or type(hf_model).__name__    # not the temporary folder's name
         hooked = HookedTransformer(cfg, tokenizer, move_to_device=False)
         hooked.load_and_process_state_dict(state, fold_ln=False, center_writing_weights=False, center_unembed=False,
                                            fold_value_biases=False, refactor_factored_attn_matrices=False)
