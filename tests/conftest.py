@@ -37,3 +37,35 @@ def smollm2_nnsight(smollm2_hf, smollm2_tokenizer):
 def smollm2_tl(smollm2_hf, smollm2_tokenizer):
     from toolkit.backends import make_backend
     return make_backend(smollm2_hf, smollm2_tokenizer, backend="transformer_lens", model_id="smollm2-135m")
+
+
+# ----- the HookedTransformer (TransformerLens 3) tests --------------------------------------------
+# They skip where HookedTransformer is absent (TransformerLens 4, the pinned stack); `make test-tl3`
+# runs them on transformer-lens 3.9 with TOOLKIT_REQUIRE_HOOKED=1, where a skip is a failure: a
+# missing HookedTransformer fails the fixture, and any skipped test fails the session.
+REQUIRE_HOOKED = os.environ.get("TOOLKIT_REQUIRE_HOOKED", "0") == "1"
+_SKIPPED: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def hooked_tl():
+    """TransformerLens 3's HookedTransformer class (skips on TransformerLens 4; fails under TOOLKIT_REQUIRE_HOOKED=1)."""
+    from toolkit.backends.hooked_backend import hooked_transformer_class
+    try:
+        return hooked_transformer_class()
+    except ImportError as err:
+        if REQUIRE_HOOKED:
+            pytest.fail(f"TOOLKIT_REQUIRE_HOOKED=1 but {err}")
+        pytest.skip("HookedTransformer absent (TransformerLens 4); runs in `make test-tl3`")
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped:
+        _SKIPPED.append(report.nodeid)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if REQUIRE_HOOKED and _SKIPPED:
+        print(f"\nTOOLKIT_REQUIRE_HOOKED=1: {len(_SKIPPED)} test(s) skipped, which this leg counts as failures: "
+              + ", ".join(_SKIPPED[:10]))
+        session.exitstatus = 1

@@ -9,6 +9,8 @@ from toolkit.models.architectures import spec_for
 from toolkit.families import family_hf_class, tl_bridge_supports
 from toolkit.models.tiny import TINY_ARCHITECTURES, tiny_hf_model
 
+pytestmark = pytest.mark.transformer_lens  # also run on transformer-lens 3.9 (make test-tl3)
+
 # TransformerBridge has no adapter for some families (Ministral): nnsight serves those alone.
 TL_ARCHITECTURES = [a for a in TINY_ARCHITECTURES if tl_bridge_supports(family_hf_class(a))]
 CASES = [(a, b) for a in TINY_ARCHITECTURES for b in ("nnsight", "transformer_lens")

@@ -85,6 +85,7 @@ def test_load_refuses_other_folders(tmp_path):
         DecompositionResult.load(tmp_path)
 
 
+@pytest.mark.transformer_lens
 def test_smollm2_same_metrics_through_both_backends(smollm2_nnsight, smollm2_tl):
     kwargs = dict(layers=[2, 20], n_train=6, n_test=2, seq_len=40, per_text=4, k=16, rank=8, compare_mlp=False,
                   n_boot=50, progress=False)

@@ -13,6 +13,8 @@ from toolkit import detached_jacobian as backend_jacobian  # the loaded model: i
 from toolkit.families import family_hf_class, tl_bridge_supports
 from toolkit.models.tiny import TINY_ARCHITECTURES, tiny_hf_model
 
+pytestmark = pytest.mark.transformer_lens  # also run on transformer-lens 3.9 (make test-tl3)
+
 IDS = torch.tensor([3, 17, 42, 7, 99, 5])
 NEW_FAMILIES = ["mistral", "ministral3", "phi3", "olmo2", "gemma2", "smollm3", "gptj", "gpt_neo", "gemma"]  # issue 12
 NO_TL_BRIDGE = [a for a in TINY_ARCHITECTURES if not tl_bridge_supports(family_hf_class(a))]  # Ministral

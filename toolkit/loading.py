@@ -165,7 +165,9 @@ def load_model(name_or_path=DEFAULT_MODEL, backend: str | None = None, dtype: st
     Args:
         name_or_path: a registry name (``python -m toolkit models`` lists them), a hub id, a local
             folder saved with ``save_pretrained``, or a model object (HF, nnsight, TransformerBridge).
-        backend: ``"transformer_lens"`` (alias ``"tl"``) or ``"nnsight"``; default by architecture.
+        backend: ``"transformer_lens"`` (alias ``"tl"``), ``"nnsight"``, or ``"hooked"`` (TransformerLens 3's
+            ``HookedTransformer``, built with raw numerics; needs ``transformer-lens>=3.9,<4``, see
+            :mod:`toolkit.backends.hooked_backend`); default by architecture.
         dtype: ``float32`` (default), ``bfloat16`` or ``float16``.
         device: default ``cuda`` when available, else ``cpu`` (ignored with ``device_map``).
         device_map, max_memory, offload_folder: passed to HuggingFace ``from_pretrained`` (accelerate):

@@ -1,5 +1,8 @@
 """Backends: one small interface (:class:`Backend`) over TransformerLens and nnsight.
 
+Three backends: ``"nnsight"``, ``"transformer_lens"`` (TransformerLens 4's ``TransformerBridge``, also in
+3.9) and ``"hooked"`` (TransformerLens 3's ``HookedTransformer``; needs ``transformer-lens>=3.9,<4``).
+
 Example:
     >>> from toolkit.backends import make_backend
     >>> from toolkit.models.tiny import tiny_hf_model
@@ -8,12 +11,18 @@ Example:
 """
 from __future__ import annotations
 
+import weakref
+
 from toolkit.backends.base import Backend, ModelInfo
 from toolkit.models.architectures import spec_for
 
-BACKENDS = ("transformer_lens", "nnsight")
+BACKENDS = ("transformer_lens", "nnsight", "hooked")
 _ALIASES = {"tl": "transformer_lens", "transformerlens": "transformer_lens", "transformer-lens": "transformer_lens",
-            "transformer_lens": "transformer_lens", "nnsight": "nnsight"}
+            "transformer_lens": "transformer_lens", "nnsight": "nnsight", "hooked": "hooked",
+            "hooked_transformer": "hooked", "hookedtransformer": "hooked"}
+
+# A bare HookedTransformer handed to an analysis: its backend, built once.
+_HOOKED_WRAPPERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 # Mamba has no position limit; this caps what we accept as one sequence.
 _UNBOUNDED_CTX = 1 << 20
@@ -40,9 +49,18 @@ def resolve_backend_name(backend: str | None, hf_model) -> str:
 
 
 def make_backend(model, tokenizer=None, backend: str | None = None, model_id: str | None = None,
-                 remote: bool | str = False) -> Backend:
+                 remote: bool | str = False, *, hf_model=None) -> Backend:
     """Wrap a model the user already has: a HF causal LM, an ``nnsight.NNsight`` /
-    ``nnsight`` language model, or a TransformerLens ``TransformerBridge``.
+    ``nnsight`` language model, a TransformerLens ``TransformerBridge``, or (TransformerLens 3) a
+    ``HookedTransformer``.
+
+    **HookedTransformer** (``backend="hooked"``): its weights must be raw (built with
+    ``HookedTransformer.from_pretrained_no_processing``); a processed one (folded LayerNorm, centred
+    writing weights or unembedding) is refused with what each step changes
+    (:func:`toolkit.backends.hooked_backend.check_raw`). ``hf_model`` is the HF model it was built
+    from (the toolkit reads config facts from it; checked to be the same network); without it, the
+    toolkit's registry copy is used where the name is known. ``backend="hooked"`` with a HF model
+    builds the ``HookedTransformer`` from it (:func:`toolkit.backends.hooked_backend.hooked_from_hf`).
 
     ``remote``: ``True`` runs the remote-capable stages on NDIF, ``"local"`` in nnsight's simulation
     of a remote run (nnsight backend only; see :mod:`toolkit.backends.remote`).
@@ -64,15 +82,17 @@ def make_backend(model, tokenizer=None, backend: str | None = None, model_id: st
     from toolkit.backends.nnsight_backend import NNsightBackend
     from toolkit.backends.remote import check_remote
     from toolkit.backends.transformer_lens_backend import TransformerLensBackend
+    from toolkit.backends.hooked_backend import HookedTransformerBackend, is_hooked_transformer
 
     remote = check_remote(remote)          # key and service first, before any work
     if isinstance(model, Backend):
         return model.with_remote(remote)
     kind = type(model).__name__
-    bridge = traced = None
-    if kind == "HookedTransformer":
-        raise TypeError("HookedTransformer (TransformerLens 3.x) applies weight processing and holds no HF "
-                        "model; pass the HF model or a TransformerBridge (TransformerLens 4) instead.")
+    bridge = traced = hooked = None
+    if is_hooked_transformer(model):
+        if remote:
+            raise no_remote_error("hooked", remote)
+        return _wrap_hooked(model, tokenizer, model_id, hf_model)
     if hasattr(model, "original_model") and hasattr(model, "run_with_hooks"):  # TransformerBridge
         bridge, hf_model = model, model.original_model
         tokenizer = tokenizer or getattr(model, "tokenizer", None)
@@ -88,6 +108,12 @@ def make_backend(model, tokenizer=None, backend: str | None = None, model_id: st
     name = resolve_backend_name(backend, hf_model)
     if remote and name != "nnsight":
         raise no_remote_error(name, remote)
+    if name == "hooked":
+        from toolkit.backends.hooked_backend import hooked_from_hf
+        hooked = hooked_from_hf(hf_model, tokenizer, model_id)
+        wrapped = HookedTransformerBackend(hf_model, tokenizer, info, hooked)
+        wrapped.wraps_in_place = False      # the HookedTransformer holds its own copy of the weights
+        return wrapped
     if name == "nnsight":
         # a wrapper built for NDIF (weights on the meta device) is remote from the start; others become so below
         wrapped: Backend = NNsightBackend(hf_model, tokenizer, info, traced=traced,
@@ -96,6 +122,49 @@ def make_backend(model, tokenizer=None, backend: str | None = None, model_id: st
         wrapped = TransformerLensBackend(hf_model, tokenizer, info, bridge=bridge)
     wrapped.wraps_in_place = True
     return wrapped.with_remote(remote)
+
+
+def _wrap_hooked(hooked, tokenizer, model_id: str | None, hf_model) -> Backend:
+    """A user's ``HookedTransformer`` as a backend: raw weights only, beside the HF model it came from."""
+    from toolkit.backends.hooked_backend import HookedTransformerBackend, check_matches_hf, check_raw
+    check_raw(hooked)                                   # processed weights: refused before anything runs
+    tokenizer = tokenizer or getattr(hooked, "tokenizer", None)
+    names = [n for n in (model_id, getattr(hooked.cfg, "tokenizer_name", None),
+                         getattr(hooked.cfg, "model_name", None)) if n]
+    if hf_model is None:
+        hf_model, model_id = _registry_hf_model(names, dtype=hooked.cfg.dtype, device=hooked.W_E.device), \
+            model_id or _registry_name(names)
+    if hf_model is None:
+        raise ValueError(f"make_backend(HookedTransformer) needs the HF model it was built from (hf_model=...): the "
+                         f"toolkit reads config facts from it, and {names[-1] if names else 'this model'} is not a "
+                         f"registry model it can load itself. Pass hf_model=AutoModelForCausalLM.from_pretrained(...), "
+                         f"or let the toolkit build both: toolkit.load_model(name, backend='hooked').")
+    check_matches_hf(hooked, hf_model, int(hf_model.config.vocab_size))
+    model_id = model_id or getattr(hf_model.config, "_name_or_path", "") or (names[0] if names else "HookedTransformer")
+    return HookedTransformerBackend(hf_model, tokenizer, model_info(hf_model, model_id), hooked)
+
+
+def _registry_name(names: list[str]) -> str | None:
+    """The registry name of the first of ``names`` whose weights are installed here (pip), or None."""
+    from toolkit.models.registry import find_entry
+    from toolkit.models.weights import is_available
+    for name in names:
+        entry = find_entry(name) or find_entry(name.split("/")[-1])
+        if entry is not None and entry.pip_source is not None and is_available(entry.pip_source):
+            return entry.name
+    return None
+
+
+def _registry_hf_model(names: list[str], dtype, device):
+    """The registry's offline copy of a model known by one of ``names`` (pip-installed weights), or None."""
+    from toolkit.models.registry import find_entry
+    from toolkit.models.weights import converted_folder
+    name = _registry_name(names)
+    if name is None:
+        return None
+    from transformers import AutoModelForCausalLM
+    folder = str(converted_folder(find_entry(name).pip_source))
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
 
 
 def as_backend(model, tokenizer=None) -> Backend:
@@ -121,8 +190,13 @@ def library_wrapper(model) -> Backend | None:
         >>> library_wrapper(tiny_hf_model("llama")) is None
         True
     """
+    from toolkit.backends.hooked_backend import is_hooked_transformer
     if isinstance(model, Backend):
         return model
+    if is_hooked_transformer(model):   # wrapped once (it loads and checks the HF model beside it)
+        if model not in _HOOKED_WRAPPERS:
+            _HOOKED_WRAPPERS[model] = make_backend(model)
+        return _HOOKED_WRAPPERS[model]
     if (hasattr(model, "original_model") and hasattr(model, "run_with_hooks")) or \
             (hasattr(model, "_module") and hasattr(model, "trace")):
         return make_backend(model)

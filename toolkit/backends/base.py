@@ -61,10 +61,10 @@ class ModelInfo:
 class Backend(ABC):
     """A loaded model seen through one interpretability library.
 
-    Subclasses: :class:`toolkit.backends.nnsight_backend.NNsightBackend` and
-    :class:`toolkit.backends.transformer_lens_backend.TransformerLensBackend`.
-    Both hold the same HuggingFace model in ``hf_model`` (raw HF numerics, no
-    weight processing), so they agree to float tolerance.
+    Subclasses: :class:`toolkit.backends.nnsight_backend.NNsightBackend`,
+    :class:`toolkit.backends.transformer_lens_backend.TransformerLensBackend` and (TransformerLens 3)
+    :class:`toolkit.backends.hooked_backend.HookedTransformerBackend`. All hold the same HuggingFace
+    model in ``hf_model`` (raw HF numerics, no weight processing), so they agree to float tolerance.
     """
 
     name: str = "abstract"
@@ -72,6 +72,8 @@ class Backend(ABC):
     #: remote run (see :mod:`toolkit.backends.remote`). Only the nnsight backend runs remotely.
     remote: bool | str = False
     wraps_in_place: bool = False  # the library instrumented the caller's HF model itself (see make_backend)
+    #: ``hidden_states(kv_cache=...)`` / ``run_with_patches(past_key_values=...)`` take a transformers cache.
+    kv_cache_support: bool = True
 
     def __init__(self, hf_model: nn.Module, tokenizer, info: ModelInfo):
         self.hf_model = hf_model
@@ -227,6 +229,18 @@ class Backend(ABC):
         ``None`` (the default, and every other target kind).
         """
         return None
+
+    @property
+    def frozen_module(self) -> nn.Module:
+        """The module tree :meth:`target_function`'s ``f`` runs: what a detached Jacobian through this
+        backend freezes. The HF model here (both libraries instrument it in place); a backend whose
+        library holds its own copy of the weights (``HookedTransformer``) returns that.
+
+        Example:
+            >>> model.frozen_module is model.hf_model      # nnsight, TransformerBridge  # doctest: +SKIP
+            True
+        """
+        return self.hf_model
 
     def logits(self, input_ids: "Prompt") -> Float[Tensor, "batch seq vocab"]:
         """Plain forward pass: ``[batch, seq, vocab]``."""

@@ -158,7 +158,8 @@ def collect_hidden_states(model: Backend, tokens: Tensor, positions: Tensor, lay
     meta = {"model_id": model.info.model_id, "model_fingerprint": fingerprint, "backend": model.name,
             "dtype": str(model.dtype), "boundaries": boundaries, "n_texts": n_texts, "seq_len": tokens.shape[1],
             "per_text": per_text, "d_model": model.d_model}
-    keep_kv_cache = (keep_kv_cache and model.n_layers in boundaries and model.info.architecture != "mamba"
+    keep_kv_cache = (keep_kv_cache and model.kv_cache_support and model.n_layers in boundaries
+                     and model.info.architecture != "mamba"
                      and not model.remote)      # a remote run keeps nothing but the sampled states
     kv_caches: list | None = [] if keep_kv_cache else None
     with EntryWriter(entry, n_texts * per_text, model.d_model, boundaries) as writer:

@@ -102,6 +102,8 @@ def patched_kl(model: Backend, tokens: Tensor, positions: Tensor, values: Mappin
             for key in keys:
                 out[key][first * per_text:first * per_text + kl[key].shape[0]] = kl[key]
         return out
+    if not model.kv_cache_support:  # no transformers cache (HookedTransformer): full forwards through the library
+        return patched_kl_plain(model, tokens, positions, values, kl_positions)
     widest = max(sum(boundary_of(k) == b for k in keys) for b in {boundary_of(k) for k in keys})
     if kl_positions == "next" and full_cache_supported(model, tokens.shape[1], min(widest, max_rows) * per_text):
         batches = _cache_batches(n_texts, per_text, batch_size, kv_caches, final_states)

@@ -55,7 +55,7 @@ from toolkit.prompts import Prompt, single_sequence
 
 PROGRESS_AFTER_S = 5.0  # show a progress bar by default when the estimate exceeds this
 
-__all__ = ["Target", "input_embeddings", "target_function", "model_target_function", "jacobian_rows", "linear_map",
+__all__ = ["Target", "input_embeddings", "target_function", "model_target_function", "target_path", "jacobian_rows", "linear_map",
            "detached_jacobian", "jacobian_terms", "JacobianTerms", "build_result", "ordinary_jacobian"]
 
 
@@ -148,14 +148,34 @@ def model_target_function(model: Any, ids: Tensor, spec: TargetSpec, position: i
         >>> settings, f(x).shape
         ({'backend': 'nnsight'}, torch.Size([64]))
     """
+    f, x, settings, _ = target_path(model, ids, spec, position)
+    return f, x, settings
+
+
+def target_path(model: Any, ids: Tensor, spec: TargetSpec, position: int = -1,
+                ) -> tuple[Callable[[Tensor], Tensor], Tensor, dict, nn.Module]:
+    """:func:`model_target_function` plus the module tree ``f`` runs, which a detached Jacobian freezes:
+    the backend's :attr:`~toolkit.backends.base.Backend.frozen_module` on its own path (a
+    ``HookedTransformer`` holds its own weights), the HF model when driven directly.
+
+    Example:
+        >>> import torch
+        >>> from toolkit.backends import make_backend
+        >>> from toolkit.models.tiny import tiny_hf_model
+        >>> model = make_backend(tiny_hf_model("llama"), backend="nnsight")
+        >>> f, x, settings, owner = target_path(model, torch.tensor([1, 2]), resolve_target(model.hf_model, "output"))
+        >>> owner is model.hf_model
+        True
+    """
     backend = library_wrapper(model)
     hf_model = hf_model_of(model)
     if backend is not None:
         f = backend.target_function(ids, spec.kind, spec.layer, position)
         if f is not None:
             x = backend.hidden_states(ids[None], layers=[0])[0, 0].detach()  # h_0 through the library: [T, d]
-            return f, x, {"backend": backend.name}
-    return state_function(hf_model, spec, input_ids=ids, position=position), target_input(hf_model, ids, spec), {}
+            return f, x, {"backend": backend.name}, backend.frozen_module
+    return (state_function(hf_model, spec, input_ids=ids, position=position), target_input(hf_model, ids, spec), {},
+            hf_model)
 
 
 def detached_jacobian(model: Any, prompt: Prompt, *, target: Target = "output", position: int = -1,
@@ -209,8 +229,8 @@ def detached_jacobian(model: Any, prompt: Prompt, *, target: Target = "output", 
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
     check_fits(hf_model, ids.numel(), chunk_size=chunk_size, memory_budget=memory_budget)  # before any model run
-    f, x, path = model_target_function(model, ids, spec, position)
-    terms = jacobian_terms(hf_model, f, x, detached=detached, chunk_size=chunk_size, mode=mode, strict=strict,
+    f, x, path, owner = target_path(model, ids, spec, position)
+    terms = jacobian_terms(hf_model, f, x, freeze=owner, detached=detached, chunk_size=chunk_size, mode=mode, strict=strict,
                            progress=progress, memory_budget=memory_budget)
     model_id = model_id or getattr(getattr(library_wrapper(model), "info", None), "model_id", None)
     return build_result(hf_model, ids, x, *terms, target=spec.name, position=position, detached=detached,
@@ -234,8 +254,11 @@ class JacobianTerms:
 
 def jacobian_terms(hf_model: nn.Module, f: Callable[[Tensor], Tensor], x: Tensor, *, detached: bool = True,
                    chunk_size: int = 64, mode: Mode = "reverse", strict: bool = True, progress: bool | None = None,
-                   memory_budget: int | None = None) -> JacobianTerms:
+                   memory_budget: int | None = None, freeze: nn.Module | None = None) -> JacobianTerms:
     """``(y, J, c)`` of any ``f: x [T, d] -> y [d_out]`` that runs ``hf_model``, frozen or not.
+
+    ``freeze``: the module tree ``f`` really runs, when it is not ``hf_model`` (a ``HookedTransformer``
+    holds its own weights; see :func:`target_path`); ``hf_model`` still sizes the estimate.
 
     This is the one place where the freeze, the chunked rows (or columns) and the constant
     term meet, through :func:`toolkit.jacobian.operator.frozen_operator`; the direct path
@@ -262,7 +285,8 @@ def jacobian_terms(hf_model: nn.Module, f: Callable[[Tensor], Tensor], x: Tensor
     """
     estimate = check_fits(hf_model, x.shape[0], chunk_size=chunk_size, memory_budget=memory_budget)
     progress = estimate.seconds > PROGRESS_AFTER_S if progress is None else progress
-    with frozen_operator(hf_model, f, x, detached=detached, chunk_size=chunk_size, strict=strict) as op:
+    with frozen_operator(hf_model if freeze is None else freeze, f, x, detached=detached, chunk_size=chunk_size,
+                         strict=strict) as op:
         y = op.y
         if y.ndim != 1:
             raise ValueError(f"y must be a vector [d_out], got shape {tuple(y.shape)}.")

@@ -513,8 +513,11 @@ def register_rule(cls: type, kind: str, install: Install | None, note: str = "",
 # HookedTransformer is built from TransformerLens components). Each is registered lazily, the first
 # time a model holding such classes is frozen, so importing the toolkit never imports that library:
 # class-module prefix -> "module:function" taking the model and returning the names it registered.
-RULE_PROVIDERS: dict[str, str] = {
-    "transformer_lens.": "toolkit.jacobian.bridge_rules:register_bridge_rules",
+# Several tables may share a prefix (TransformerLens 3 ships both a TransformerBridge and a
+# HookedTransformer): each registers only its own classes (HookPoint, shared, by whichever comes first).
+RULE_PROVIDERS: dict[str, tuple[str, ...]] = {
+    "transformer_lens.": ("toolkit.jacobian.bridge_rules:register_bridge_rules",
+                          "toolkit.jacobian.hooked_rules:register_hooked_rules"),
 }
 
 
@@ -533,8 +536,9 @@ def provide_rules(model: nn.Module) -> list[str]:
 
     modules = {type(m).__module__ for m in model.modules() if type(m) not in RULES}
     added: list[str] = []
-    for prefix, target in RULE_PROVIDERS.items():
+    for prefix, targets in RULE_PROVIDERS.items():
         if any(name.startswith(prefix) for name in modules):
-            module_name, function = target.split(":")
-            added.extend(getattr(importlib.import_module(module_name), function)(model))
+            for target in (targets,) if isinstance(targets, str) else targets:
+                module_name, function = target.split(":")
+                added.extend(getattr(importlib.import_module(module_name), function)(model))
     return added

@@ -66,7 +66,7 @@ import torch
 from torch import Tensor
 
 from toolkit.backends.base import Backend, Patch
-from toolkit.jacobian.compute import input_embeddings, model_target_function
+from toolkit.jacobian.compute import input_embeddings, target_path
 from toolkit.jacobian.targets import resolve_target
 from toolkit.jacobian.factors import FactorStore
 from toolkit.jacobian.freeze import detached
@@ -121,12 +121,12 @@ class ConceptOperator:
         self.model, self.layer, self.operator, self.position = model, layer, operator, position % n
         self.concept_ids = ids
         # f: h_0 -> h_layer at the concept position, through the backend's own hooking; x* = h_0 read through it
-        self._f, self.x_star, _ = model_target_function(model, ids, resolve_target(model.hf_model, layer),
-                                                        self.position)
+        self._f, self.x_star, _, self._owner = target_path(model, ids, resolve_target(model.hf_model, layer),
+                                                           self.position)
         self._store = FactorStore()
         with torch.no_grad():  # the live model's own h_l (hooks and overrides included), to check the freeze
             y_live = self._f(self.x_star).detach()
-        with detached(model.hf_model, store=self._store) as freeze, freeze.recording(), torch.no_grad():
+        with detached(self._owner, store=self._store) as freeze, freeze.recording(), torch.no_grad():
             self.y = self._f(self.x_star).detach()
         Checks(dtype=self.y.dtype).compare_live(self.y, y_live)
         self.c, at_x_star = self._replay([torch.zeros_like(self.x_star), self.x_star])
@@ -135,7 +135,7 @@ class ConceptOperator:
         self._memo: dict[bytes, Tensor] = {}
 
     def _replay(self, inputs: list[Tensor]) -> list[Tensor]:
-        with detached(self.model.hf_model, store=self._store) as freeze, freeze.replaying(), torch.no_grad():
+        with detached(self._owner, store=self._store) as freeze, freeze.replaying(), torch.no_grad():
             return [self._f(X).detach() for X in inputs]
 
     def concept_input(self, x_new: Tensor, t: int) -> Tensor:
