@@ -221,16 +221,19 @@ def _fit_lowrank_chunk(Xn, Tn, P, form, rank, keep, rcond):
     S_inv = torch.where(keep_s, 1 / torch.where(keep_s, S, 1), torch.zeros_like(S))
     M = U * S_inv[:, None, :]                                         # [b, k, q]
     v = S_inv * (U.mT @ (Xd @ inp.double().unsqueeze(-1))).squeeze(-1)   # [b, q]
+    q = M.shape[-1]
+    r = q if rank is None else min(rank, q)                           # rank >= k truncates nothing
+    s = min(keep, r)
+    if r == q and not s:            # untruncated, no spectrum asked (the random-neighbourhood control): B's
+        lin = (Td.mT @ (M @ v.unsqueeze(-1))).squeeze(-1).to(Tn.dtype)    # SVD is not needed
+        return (lin if offset is None else offset + lin), None, None
     # B's SVD from its q x q Gram B^T B = M^T (T T^T) M: A = Pm diag(Sig) (E^T Vh), Pm = B E / Sig.
     E, Sig = _gram_eigh(M.mT @ (Td @ Td.mT) @ M)
-    q = Sig.shape[1]
-    r = q if rank is None else min(rank, q)                           # rank >= k truncates nothing
     if r < q:                                                         # truncated: project v on B's top r
         E_r = E[..., :r]
         v = (E_r @ (E_r.mT @ v.unsqueeze(-1))).squeeze(-1)
     lin = (Td.mT @ (M @ v.unsqueeze(-1))).squeeze(-1).to(Tn.dtype)
     pred = lin if offset is None else offset + lin
-    s = min(keep, r)
     if not s:
         return pred, None, None
     Sig_s = Sig[:, :s]
