@@ -157,3 +157,20 @@ def test_pipeline_on_smollm2_carries_baselines_and_verdicts(smollm2_nnsight, tmp
     np.testing.assert_array_equal(back.anchors["kl_identity"], a["kl_identity"])
     html = write_decomposition_report(back, tmp_path / "report.html").read_text()
     assert "Do the claims survive the controls?" in html and "holds" in html and html.count("Plotly.newPlot") >= 9
+
+
+def test_ridge_heldout_errors_in_the_eigenbasis_equal_those_of_the_explicit_maps():
+    from toolkit.decompose.baselines import RIDGE_GRID, _ridge_solutions, fit_global_ridge
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(240, 12, generator=g, dtype=torch.float64)
+    Y = X + X @ (0.2 * torch.randn(12, 12, generator=g, dtype=torch.float64)) + 0.3 * torch.randn(240, 12, generator=g,
+                                                                                                  dtype=torch.float64)
+    groups = torch.arange(240) // 8                     # 30 texts of 8 rows
+    ridge = fit_global_ridge(X, Y, groups, seed=5)
+    held = torch.isin(groups, groups.unique()[torch.randperm(30, generator=torch.Generator().manual_seed(5))[:6]])
+    D = Y - X
+    mu, b, Ws = _ridge_solutions(X[~held], D[~held], list(RIDGE_GRID))
+    denom = float(((D[held] - b) ** 2).sum())
+    explicit = {s: float(((D[held] - b - (X[held] - mu) @ W) ** 2).sum()) / denom for s, W in zip(RIDGE_GRID, Ws)}
+    assert ridge.heldout_err == pytest.approx(explicit, rel=1e-9)
+    assert ridge.alpha == min(explicit, key=explicit.get)

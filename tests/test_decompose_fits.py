@@ -448,3 +448,41 @@ def test_float32_lowrank_fit_agrees_with_float64_on_smollm2_states(smollm2_nnsig
     scale = torch.maximum((y - exact.predictions).norm(dim=1), 1e-5 * y.norm(dim=1))
     err = (fast.predictions.double() - exact.predictions).norm(dim=1) / scale
     assert float(err.max()) < 2e-3 and float(err.median()) < 1e-5
+
+
+def test_one_thread_factorizations_match_torch_and_restore_the_thread_count():
+    from toolkit.decompose.linalg import eigh, one_thread, svd
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(5, 6, 9, generator=g, dtype=F64)
+    G = A @ A.mT
+    torch.set_num_threads(2)                     # the module fixture set 1; the wrappers must restore 2
+    try:
+        lam, U = eigh(G)
+        assert torch.get_num_threads() == 2
+        Uu, S, Vh = svd(A, full_matrices=False)
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), one_thread():
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("restored on error too")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+    torch.testing.assert_close(lam, torch.linalg.eigvalsh(G))
+    torch.testing.assert_close(U @ torch.diag_embed(lam) @ U.mT, G)
+    torch.testing.assert_close(Uu @ torch.diag_embed(S) @ Vh, A)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("form", ["update", "plain"])
+@pytest.mark.parametrize("rank", [None, 20, 5])          # 20 >= k: untruncated
+def test_lowrank_predictions_do_not_depend_on_the_kept_spectrum(dtype, form, rank):
+    # keep_singular=0 skips the map's SVD when nothing is truncated (the random-neighbourhood control's
+    # path); the predictions must be the very same numbers as with the spectrum kept.
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(200, 24, generator=g, dtype=dtype)
+    Y = X + 0.3 * torch.tanh(X @ torch.randn(24, 24, generator=g, dtype=dtype))
+    idx, _ = knn_cosine(X, X[:30] + 0.01, k=16)
+    with_spectrum = fit_local_maps(X, Y, idx, X[:30] + 0.01, "lowrank", form, rank, keep_singular=8)
+    without = fit_local_maps(X, Y, idx, X[:30] + 0.01, "lowrank", form, rank, keep_singular=0)
+    assert without.left_singular is None and with_spectrum.left_singular is not None
+    torch.testing.assert_close(without.predictions, with_spectrum.predictions, rtol=0, atol=0)

@@ -52,3 +52,18 @@ def test_mean_rho_interval_covers_the_mean_and_shrinks_with_data():
     assert mean_rho_with_ci(g)["rho_mean"] == pytest.approx(np.mean([stats.spearmanr(x, y).statistic for x, y in g]))
     with pytest.raises(ValueError, match="at least one layer"):
         mean_rho_with_ci([])
+
+
+@pytest.mark.parametrize("n_distinct", [3, 40, 10_000])
+def test_resampled_ranks_equal_scipy_rankdata_with_and_without_ties(n_distinct):
+    from scipy import stats as sstats
+
+    from toolkit.decompose.statistics import resampled_ranks
+    rng = np.random.default_rng(n_distinct)
+    x = rng.integers(0, n_distinct, size=300).astype(float) * 0.37      # few distinct values: many ties
+    idx = rng.integers(0, x.size, size=(50, x.size))
+    np.testing.assert_array_equal(resampled_ranks(x, idx), sstats.rankdata(x[idx], axis=-1))
+    x[5] = np.nan                                                          # non-finite: scipy's own answer
+    np.testing.assert_array_equal(resampled_ranks(x, idx), sstats.rankdata(x[idx], axis=-1))
+    with pytest.raises(ValueError, match=r"\[B, m\]"):
+        resampled_ranks(x, idx[0])

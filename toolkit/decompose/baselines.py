@@ -33,6 +33,7 @@ from torch import Tensor
 
 from toolkit.decompose.function_classes import LOCAL_CLASSES, fit_local_maps
 from toolkit.decompose.geometry import cosine
+from toolkit.decompose.linalg import eigh
 from toolkit.metrics import relative_error
 
 __all__ = ["GlobalRidgeMap", "fit_global_ridge", "random_neighbourhoods", "massive_flags", "baseline_columns",
@@ -60,15 +61,20 @@ class GlobalRidgeMap:
         return (p + (p - self.mu) @ self.W + self.b).to(points.dtype)
 
 
-def _ridge_solutions(X: Tensor, D: Tensor, scales: list[float]):
-    """Centred ridge fits of ``D`` on ``X`` for each relative penalty: ``(mu, b, [W], mean eigenvalue)``."""
+def _ridge_basis(X: Tensor, D: Tensor):
+    """The centred ridge problem of ``D`` on ``X`` in the Gram matrix's eigenbasis: ``(mu, b, lam, V, rhs,
+    unit)`` with ``W(s) = V @ (rhs / (lam + s * unit)[:, None])`` for every relative penalty ``s``."""
     mu, b = X.mean(0), D.mean(0)
     Xc, Dc = X - mu, D - b
-    lam, V = torch.linalg.eigh(Xc.T @ Xc)                      # one eigendecomposition serves every penalty
-    rhs = V.T @ (Xc.T @ Dc)
-    unit = float(lam.clamp_min(0).mean())
-    Ws = [V @ (rhs / (lam.clamp_min(0) + s * unit)[:, None]) for s in scales]
-    return mu, b, Ws
+    lam, V = eigh(Xc.T @ Xc)                                   # one eigendecomposition serves every penalty
+    lam = lam.clamp_min(0)
+    return mu, b, lam, V, V.T @ (Xc.T @ Dc), float(lam.mean())
+
+
+def _ridge_solutions(X: Tensor, D: Tensor, scales: list[float]):
+    """Centred ridge fits of ``D`` on ``X`` for each relative penalty: ``(mu, b, [W])``."""
+    mu, b, lam, V, rhs, unit = _ridge_basis(X, D)
+    return mu, b, [V @ (rhs / (lam + s * unit)[:, None]) for s in scales]
 
 
 def fit_global_ridge(train_X: Tensor, train_Y: Tensor, groups: Tensor | None = None, holdout: float = 0.2,
@@ -95,10 +101,12 @@ def fit_global_ridge(train_X: Tensor, train_Y: Tensor, groups: Tensor | None = N
     test = torch.isin(groups, held)
     if test.all() or (~test).sum() < 2:
         raise ValueError(f"fit_global_ridge needs training pairs from at least 2 groups; got {ids.numel()}.")
-    mu, b, Ws = _ridge_solutions(X[~test], D[~test], list(grid))
-    Dt = D[test]
-    denom = float(((Dt - b) ** 2).sum()) or 1.0
-    errs = {s: float(((Dt - b - (X[test] - mu) @ W) ** 2).sum()) / denom for s, W in zip(grid, Ws)}
+    mu, b, lam, V, rhs, unit = _ridge_basis(X[~test], D[~test])
+    Dt = D[test] - b
+    denom = float((Dt ** 2).sum()) or 1.0
+    # held-out predictions in the eigenbasis, (X_t - mu) V diag(1 / (lam + s unit)) rhs: no d x d map per penalty
+    Z = (X[test] - mu) @ V
+    errs = {s: float(((Dt - (Z / (lam + s * unit)) @ rhs) ** 2).sum()) / denom for s in grid}
     best = min(errs, key=errs.get)
     mu, b, (W,) = _ridge_solutions(X, D, [best])
     return GlobalRidgeMap(W, b, mu, best, errs)

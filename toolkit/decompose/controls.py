@@ -22,6 +22,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import special, stats
 
+from toolkit.decompose.statistics import resampled_ranks
+
 __all__ = ["partial_spearman", "mean_with_ci", "robust", "chance_abs_cos", "r_squared", "layer_controls",
            "pooled_controls", "TRIM"]
 
@@ -99,6 +101,14 @@ def _rank_residuals(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> tuple[np.nda
     return _residualise(stats.rankdata(x, axis=-1), rz), _residualise(stats.rankdata(y, axis=-1), rz)
 
 
+def _resampled_rank_residuals(x: np.ndarray, y: np.ndarray, z: np.ndarray,
+                              idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``_rank_residuals(x[idx], y[idx], z[idx])`` for resamples ``idx [B, m]`` of ``x, y [n]``, ``z [n, p]``,
+    with the ranks counted rather than sorted (:func:`toolkit.decompose.statistics.resampled_ranks`)."""
+    rz = np.stack([resampled_ranks(c, idx) for c in z.T], axis=-1) if z.shape[-1] else z[idx]
+    return _residualise(resampled_ranks(x, idx), rz), _residualise(resampled_ranks(y, idx), rz)
+
+
 def _corr(ex: np.ndarray, ey: np.ndarray) -> np.ndarray:
     ex = ex - ex.mean(-1, keepdims=True)
     ey = ey - ey.mean(-1, keepdims=True)
@@ -136,7 +146,7 @@ def partial_spearman(x, y, covariates, strata=None, n_boot: int = 1000, n_perm: 
         pa, pb = _rank_residuals(x[g], y[g], z[g][:, :0])
         px.append(pa); py.append(pb)
         idx = rng.integers(0, g.size, size=(n_boot, g.size))
-        a, b = _rank_residuals(x[g][idx], y[g][idx], z[g][idx])
+        a, b = _resampled_rank_residuals(x[g], y[g], z[g], idx)
         bx.append(a); by.append(b)
         perm_y.append(ey[-1][rng.random((n_perm, g.size)).argsort(axis=1)])
     ex, ey = np.concatenate(ex), np.concatenate(ey)

@@ -56,6 +56,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from toolkit.decompose.linalg import eigh as _eigh1, svd as _svd1
 from toolkit.decompose.neighbours import check_pairs, knn_cosine
 
 __all__ = ["FUNCTION_CLASSES", "LOCAL_CLASSES", "FORMS", "MAX_KEEP_SINGULAR", "LocalFit", "GlobalDiagMap",
@@ -131,7 +132,7 @@ def _svd(A: Tensor, full_matrices: bool = True) -> tuple[Tensor, Tensor, Tensor]
     Why: this torch CPU build's float32 batched SVD is pathologically slow on tall or wide blocks
     (``[96, 576, 64]``: 19 s in float32, 0.4 s in float64), and float64 is the more accurate anyway.
     """
-    U, S, Vh = torch.linalg.svd(A.double(), full_matrices=full_matrices)
+    U, S, Vh = _svd1(A.double(), full_matrices=full_matrices)   # one thread: see toolkit.decompose.linalg
     return U.to(A.dtype), S.to(A.dtype), Vh.to(A.dtype)
 
 
@@ -139,7 +140,7 @@ def _gram_eigh(G: Tensor) -> tuple[Tensor, Tensor]:
     """``(U, S)`` of any ``W`` from its Gram matrix ``G = W W^T`` (float64), descending: ``U`` the
     eigenvectors, ``S`` the square roots of the eigenvalues, those under 1e-6 of the largest returned
     as zero (see :func:`_thin_svd`)."""
-    lam, U = torch.linalg.eigh(G)
+    lam, U = _eigh1(G)                          # one thread: see toolkit.decompose.linalg
     S = lam.flip(-1).clamp_min(0).sqrt()
     return U.flip(-1), S * (S > 1e-6 * S[..., :1])
 
@@ -220,16 +221,19 @@ def _fit_lowrank_chunk(Xn, Tn, P, form, rank, keep, rcond):
     S_inv = torch.where(keep_s, 1 / torch.where(keep_s, S, 1), torch.zeros_like(S))
     M = U * S_inv[:, None, :]                                         # [b, k, q]
     v = S_inv * (U.mT @ (Xd @ inp.double().unsqueeze(-1))).squeeze(-1)   # [b, q]
+    q = M.shape[-1]
+    r = q if rank is None else min(rank, q)                           # rank >= k truncates nothing
+    s = min(keep, r)
+    if r == q and not s:            # untruncated, no spectrum asked (the random-neighbourhood control): B's
+        lin = (Td.mT @ (M @ v.unsqueeze(-1))).squeeze(-1).to(Tn.dtype)    # SVD is not needed
+        return (lin if offset is None else offset + lin), None, None
     # B's SVD from its q x q Gram B^T B = M^T (T T^T) M: A = Pm diag(Sig) (E^T Vh), Pm = B E / Sig.
     E, Sig = _gram_eigh(M.mT @ (Td @ Td.mT) @ M)
-    q = Sig.shape[1]
-    r = q if rank is None else min(rank, q)                           # rank >= k truncates nothing
     if r < q:                                                         # truncated: project v on B's top r
         E_r = E[..., :r]
         v = (E_r @ (E_r.mT @ v.unsqueeze(-1))).squeeze(-1)
     lin = (Td.mT @ (M @ v.unsqueeze(-1))).squeeze(-1).to(Tn.dtype)
     pred = lin if offset is None else offset + lin
-    s = min(keep, r)
     if not s:
         return pred, None, None
     Sig_s = Sig[:, :s]

@@ -35,16 +35,44 @@ def _as_1d(values) -> np.ndarray:
     return np.asarray(values, dtype=np.float64).reshape(-1)
 
 
-def _rank_rows(a: np.ndarray) -> np.ndarray:
-    # Average ranks along the last axis, vectorised over bootstrap rows.
-    return stats.rankdata(a, axis=-1)
+def resampled_ranks(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Average ranks of every resample ``x[idx]`` along its row: ``stats.rankdata(x[idx], axis=-1)``, exactly.
+
+    ``x [n]``, ``idx [B, m]`` (rows of indices into ``x``, e.g. bootstrap draws) -> ``[B, m]`` float64.
+    Why: the bootstraps rank thousands of resamples, and a sort per row dominated the summaries'
+    time. Here ``x`` is sorted once; in each row a value's rank is the number of drawn values below
+    it plus the average position among its equal copies, ``below + (count + 1) / 2``, from counts
+    per distinct value (one bincount and one cumulative sum per row). Ranks are whole or half
+    numbers, exact in float64, so the result equals scipy's. Non-finite ``x`` falls back to scipy.
+
+    Example:
+        >>> x = np.array([3.0, 1.0, 3.0, 2.0]); idx = np.array([[0, 1, 2, 2], [3, 3, 1, 0]])
+        >>> resampled_ranks(x, idx).tolist()
+        [[3.0, 1.0, 3.0, 3.0], [2.5, 2.5, 1.0, 4.0]]
+        >>> bool((resampled_ranks(x, idx) == stats.rankdata(x[idx], axis=-1)).all())
+        True
+    """
+    x = np.asarray(x, dtype=np.float64).reshape(-1)
+    idx = np.asarray(idx)
+    if idx.ndim != 2:
+        raise ValueError(f"idx must be [B, m] rows of indices into x, got shape {idx.shape}.")
+    if not np.isfinite(x).all() or idx.size == 0:
+        return stats.rankdata(x[idx], axis=-1)
+    distinct, group = np.unique(x, return_inverse=True)       # group[j]: the rank of x[j] among the distinct values
+    m = distinct.size
+    drawn = group[idx]                                        # [B, m_draws]
+    offsets = (np.arange(idx.shape[0]) * m)[:, None]
+    counts = np.bincount((drawn + offsets).ravel(), minlength=idx.shape[0] * m).reshape(idx.shape[0], m)
+    below = np.cumsum(counts, axis=1) - counts                # drawn values strictly below each distinct value
+    average = below + (counts + 1) / 2.0
+    return np.take_along_axis(average, drawn, axis=1)
 
 
 def _bootstrap_rhos(x: np.ndarray, y: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
     """``[n_boot]`` Spearman rhos of anchors resampled with replacement (NaN where a resample is constant)."""
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, x.size, size=(n_boot, x.size))
-    rx, ry = _rank_rows(x[idx]), _rank_rows(y[idx])
+    rx, ry = resampled_ranks(x, idx), resampled_ranks(y, idx)
     rx -= rx.mean(axis=1, keepdims=True)
     ry -= ry.mean(axis=1, keepdims=True)
     denom = np.sqrt((rx ** 2).sum(1) * (ry ** 2).sum(1))
