@@ -448,3 +448,25 @@ def test_float32_lowrank_fit_agrees_with_float64_on_smollm2_states(smollm2_nnsig
     scale = torch.maximum((y - exact.predictions).norm(dim=1), 1e-5 * y.norm(dim=1))
     err = (fast.predictions.double() - exact.predictions).norm(dim=1) / scale
     assert float(err.max()) < 2e-3 and float(err.median()) < 1e-5
+
+
+def test_one_thread_factorizations_match_torch_and_restore_the_thread_count():
+    from toolkit.decompose.linalg import eigh, one_thread, svd
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(5, 6, 9, generator=g, dtype=F64)
+    G = A @ A.mT
+    torch.set_num_threads(2)                     # the module fixture set 1; the wrappers must restore 2
+    try:
+        lam, U = eigh(G)
+        assert torch.get_num_threads() == 2
+        Uu, S, Vh = svd(A, full_matrices=False)
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), one_thread():
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("restored on error too")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+    torch.testing.assert_close(lam, torch.linalg.eigvalsh(G))
+    torch.testing.assert_close(U @ torch.diag_embed(lam) @ U.mT, G)
+    torch.testing.assert_close(Uu @ torch.diag_embed(S) @ Vh, A)

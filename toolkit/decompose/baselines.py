@@ -33,6 +33,7 @@ from torch import Tensor
 
 from toolkit.decompose.function_classes import LOCAL_CLASSES, fit_local_maps
 from toolkit.decompose.geometry import cosine
+from toolkit.decompose.linalg import eigh
 from toolkit.metrics import relative_error
 
 __all__ = ["GlobalRidgeMap", "fit_global_ridge", "random_neighbourhoods", "massive_flags", "baseline_columns",
@@ -64,7 +65,7 @@ def _ridge_solutions(X: Tensor, D: Tensor, scales: list[float]):
     """Centred ridge fits of ``D`` on ``X`` for each relative penalty: ``(mu, b, [W], mean eigenvalue)``."""
     mu, b = X.mean(0), D.mean(0)
     Xc, Dc = X - mu, D - b
-    lam, V = torch.linalg.eigh(Xc.T @ Xc)                      # one eigendecomposition serves every penalty
+    lam, V = eigh(Xc.T @ Xc)                                   # one eigendecomposition serves every penalty
     rhs = V.T @ (Xc.T @ Dc)
     unit = float(lam.clamp_min(0).mean())
     Ws = [V @ (rhs / (lam.clamp_min(0) + s * unit)[:, None]) for s in scales]

@@ -56,6 +56,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from toolkit.decompose.linalg import eigh as _eigh1, svd as _svd1
 from toolkit.decompose.neighbours import check_pairs, knn_cosine
 
 __all__ = ["FUNCTION_CLASSES", "LOCAL_CLASSES", "FORMS", "MAX_KEEP_SINGULAR", "LocalFit", "GlobalDiagMap",
@@ -131,7 +132,7 @@ def _svd(A: Tensor, full_matrices: bool = True) -> tuple[Tensor, Tensor, Tensor]
     Why: this torch CPU build's float32 batched SVD is pathologically slow on tall or wide blocks
     (``[96, 576, 64]``: 19 s in float32, 0.4 s in float64), and float64 is the more accurate anyway.
     """
-    U, S, Vh = torch.linalg.svd(A.double(), full_matrices=full_matrices)
+    U, S, Vh = _svd1(A.double(), full_matrices=full_matrices)   # one thread: see toolkit.decompose.linalg
     return U.to(A.dtype), S.to(A.dtype), Vh.to(A.dtype)
 
 
@@ -139,7 +140,7 @@ def _gram_eigh(G: Tensor) -> tuple[Tensor, Tensor]:
     """``(U, S)`` of any ``W`` from its Gram matrix ``G = W W^T`` (float64), descending: ``U`` the
     eigenvectors, ``S`` the square roots of the eigenvalues, those under 1e-6 of the largest returned
     as zero (see :func:`_thin_svd`)."""
-    lam, U = torch.linalg.eigh(G)
+    lam, U = _eigh1(G)                          # one thread: see toolkit.decompose.linalg
     S = lam.flip(-1).clamp_min(0).sqrt()
     return U.flip(-1), S * (S > 1e-6 * S[..., :1])
 
