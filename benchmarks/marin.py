@@ -58,7 +58,7 @@ def _shown(rows: list[dict]) -> list[dict]:
     def fmt(k, v):
         if isinstance(v, float):
             return f"{v:.3g}" if k in ("|c|/|y|", "stable rank", "jacobian_s") else f"{v:.2e}"
-        if k == "u1 tokens":
+        if k == "u1 tokens" and not isinstance(v, str):
             return "/".join(t.strip() or repr(t) for t in v)
         return v
     return [{k: fmt(k, v) for k, v in r.items() if k != "France top-5"} for r in rows]
