@@ -164,8 +164,9 @@ def figure(rows: list[dict]):
               "offload_pipeline_s": "pipeline, offloaded to disk", "offload_svd_free_s": "matrix-free SVD, offloaded"}
     fig = go.Figure()
     for key, label in series.items():
-        fig.add_trace(go.Scatter(x=[r["params_M"] * 1e6 for r in done], y=[r[key] for r in done],
-                                 mode="lines+markers", name=label, text=[r["model"] for r in done]))
+        have = [r for r in done if isinstance(r.get(key), (int, float))]  # a failed step has no time
+        fig.add_trace(go.Scatter(x=[r["params_M"] * 1e6 for r in have], y=[r[key] for r in have],
+                                 mode="lines+markers", name=label, text=[r["model"] for r in have]))
     fig.update_layout(title="Time against model size (CPU, float32)", xaxis_title="parameters",
                       yaxis_title="seconds", xaxis_type="log", yaxis_type="log", template="plotly_white")
     return fig
