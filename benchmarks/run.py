@@ -7,7 +7,7 @@ import inspect
 import os
 from pathlib import Path
 
-BENCHMARKS = ("collect", "decompose", "jacobian", "families", "scaling")
+BENCHMARKS = ("collect", "decompose", "jacobian", "families", "marin", "scaling")
 
 
 def main() -> None:

@@ -9,9 +9,9 @@ Per model (float32, this CPU, the nnsight backend):
 (b) **top-8 SVD of the output Jacobian** ``[J_1..J_T]``: matrix-free (block Krylov from JVPs and
     VJPs, tol 1e-4) against forming ``J`` by VJPs and taking its SVD (target: at least 5x, growing
     with the width: forming costs ``d_model`` VJPs, the Krylov method about 15 blocks of 8);
-(c) the same two with the model **offloaded to disk** (accelerate, ``max_memory`` of half the
-    weights: the upper blocks live in ``offload_folder`` and are loaded per call), as a ratio to
-    the in-memory run;
+(c) the same two with the model **offloaded to disk** (accelerate, ``max_memory`` of the non-block
+    weights plus half the blocks': the upper blocks live in ``offload_folder`` and are loaded per
+    call; :func:`offload_budget`), as a ratio to the in-memory run;
 (d) **peak memory** of each step (resident memory above the level before it, sampled every 2 ms).
 
 One table, ``scaling.json`` and ``scaling.html`` (time against parameter count, log-log).
@@ -91,6 +91,26 @@ def n_parameters(model) -> int:
     return sum(p.numel() for p in model.hf_model.parameters())
 
 
+def offload_budget(hf_model) -> int:
+    """CPU ``max_memory`` (bytes) that keeps everything but the blocks plus half the blocks' weights
+    (and one block more: accelerate keeps room for the largest offloaded layer on the CPU).
+
+    Half of *all* weights is not enough where the (tied) embedding is most of the model: Gemma-3-270m's
+    262k x 640 embedding is 63% of its float32 weights, so accelerate's "auto" map sent the whole model
+    to disk (``{"": "disk"}``), wrote no offload index, and the first forward failed with
+    ``KeyError: 'model.embed_tokens.weight'``. This budget puts about half of the blocks on disk on
+    every model.
+    """
+    sizes = {name: p.numel() * p.element_size() for name, p in hf_model.named_parameters()}  # tied ones once
+    per_block: dict[str, int] = {}
+    for k, v in sizes.items():
+        if ".layers." in k:
+            block = k.split(".layers.")[0] + ".layers." + k.split(".layers.")[1].split(".")[0]
+            per_block[block] = per_block.get(block, 0) + v
+    blocks = sum(per_block.values())
+    return int(sum(sizes.values()) - blocks / 2 + max(per_block.values(), default=0))
+
+
 def bench_model(name: str, size: dict, corpus) -> dict:
     import toolkit
     from toolkit.models.registry import find_entry
@@ -109,21 +129,24 @@ def bench_model(name: str, size: dict, corpus) -> dict:
     row.update(svd_free_s=svd["free_s"], svd_formed_s=svd["formed_s"], svd_products=svd["products"],
                svd_speedup=round(svd["formed_s"] / svd["free_s"], 2), svd_top8_rel_err=svd["top8_rel_err"],
                svd_free_mb=svd["free_mb"], svd_formed_mb=svd["formed_mb"])
-    weights_mb = sum(p.numel() * p.element_size() for p in model.hf_model.parameters()) / 2**20
+    budget = offload_budget(model.hf_model)
     del model
     gc.collect()
 
     folder = tempfile.mkdtemp(prefix="scaling-offload-")
     try:
         model = toolkit.load_model(name, backend="nnsight", dtype="float32", device_map="auto",
-                                   max_memory={"cpu": f"{int(weights_mb / 2)}MB"}, offload_folder=folder)
+                                   max_memory={"cpu": budget}, offload_folder=folder)
         placed = model.hf_model.hf_device_map
         row["offloaded_blocks"] = f"{sum(v == 'disk' for k, v in placed.items() if '.layers.' in k)}/{model.n_layers}"
         row["offload_pipeline_s"], _, row["offload_pipeline_mb"] = pipeline(model, size, corpus)
         row["offload_pipeline_x"] = round(row["offload_pipeline_s"] / row["pipeline_s"], 2)
-        svd = top_svd(model, size["tokens"], formed=False)
-        row["offload_svd_free_s"], row["offload_svd_mb"] = svd["free_s"], svd["free_mb"]
-        row["offload_svd_x"] = round(svd["free_s"] / row["svd_free_s"], 2)
+        try:
+            svd = top_svd(model, size["tokens"], formed=False)
+            row["offload_svd_free_s"], row["offload_svd_mb"] = svd["free_s"], svd["free_mb"]
+            row["offload_svd_x"] = round(svd["free_s"] / row["svd_free_s"], 2)
+        except RuntimeError as err:  # keep the row's other numbers; the failure is reported in the table
+            row["offload_svd_x"] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:80]}"
         del model
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -141,8 +164,9 @@ def figure(rows: list[dict]):
               "offload_pipeline_s": "pipeline, offloaded to disk", "offload_svd_free_s": "matrix-free SVD, offloaded"}
     fig = go.Figure()
     for key, label in series.items():
-        fig.add_trace(go.Scatter(x=[r["params_M"] * 1e6 for r in done], y=[r[key] for r in done],
-                                 mode="lines+markers", name=label, text=[r["model"] for r in done]))
+        have = [r for r in done if isinstance(r.get(key), (int, float))]  # a failed step has no time
+        fig.add_trace(go.Scatter(x=[r["params_M"] * 1e6 for r in have], y=[r[key] for r in have],
+                                 mode="lines+markers", name=label, text=[r["model"] for r in have]))
     fig.update_layout(title="Time against model size (CPU, float32)", xaxis_title="parameters",
                       yaxis_title="seconds", xaxis_type="log", yaxis_type="log", template="plotly_white")
     return fig

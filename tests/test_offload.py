@@ -194,3 +194,11 @@ def test_freeze_keeps_accelerates_device_hook(tmp_path):
     want = detached_jacobian(ref, torch.tensor([1, 2, 3, 4]))
     assert got.reconstruction_error < 1e-5 and _rel(got.jacobian, want.jacobian) < 1e-6
     assert torch.equal(parameter(norm), ref.model.layers[1].input_layernorm.weight)
+
+
+def test_a_max_memory_that_holds_no_module_is_refused(tiny_folder, tmp_path):
+    # accelerate's "auto" map then sends everything to disk ({"": "disk"}) and writes no offload
+    # index: the first forward failed with KeyError 'model.embed_tokens.weight' (Gemma-3-270m at half its weights)
+    with pytest.raises(ValueError, match="whole model was placed on disk"):
+        load_model(str(tiny_folder), backend="nnsight", device_map="auto", max_memory={"cpu": 1000},
+                   offload_folder=tmp_path)

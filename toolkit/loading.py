@@ -107,6 +107,12 @@ def _from_folder_or_hub(name: str, dtype: torch.dtype, device: str, local_only: 
     tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
     if placement:  # accelerate places (and offloads) the modules itself: no .to() afterwards
         hf_model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local_only, **placement)
+        if set(getattr(hf_model, "hf_device_map", {}).values()) == {"disk"}:
+            # accelerate then writes no offload index and the first forward fails with a KeyError
+            raise ValueError(f"max_memory={placement.get('max_memory')} leaves no room for any module of {name}: the "
+                             f"whole model was placed on disk, which accelerate cannot run. Give the CPU (or GPU) "
+                             f"at least the largest module (often the embedding, with its tied unembedding) plus "
+                             f"one block.")
     else:
         hf_model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local_only).to(device)
     return hf_model.eval(), tokenizer
