@@ -313,6 +313,22 @@ class Patch:
         return Patch(self.layer, self.rows.to(device), self.positions.to(device), self.values.to(device, dtype),
                      self.add)
 
+    def applied_to(self, resid: Tensor) -> Tensor:
+        """A copy of ``resid`` ``[batch, seq, d]`` with this patch applied (on ``resid``'s device and dtype):
+        what a hook function returns.
+
+        Example:
+            >>> p = Patch(0, torch.tensor([0]), torch.tensor([1]), torch.ones(1, 2), add=True)
+            >>> p.applied_to(torch.zeros(1, 2, 2))[0].tolist()
+            [[0.0, 0.0], [1.0, 1.0]]
+        """
+        resid, patch = resid.clone(), self.on(resid.device, resid.dtype)
+        if patch.add:
+            resid[patch.rows, patch.positions] += patch.values
+        else:
+            resid[patch.rows, patch.positions] = patch.values
+        return resid
+
 
 def normalize_patch(positions: Tensor, values: Tensor, batch: int, d_model: int) -> tuple[Tensor, Tensor]:
     """Bring ``positions``/``values`` to ``[batch, n]`` / ``[batch, n, d]`` and check them."""

@@ -299,17 +299,7 @@ class HookedTransformerBackend(Backend):
         hooks = []
         for patch in patches:
             self.check_boundary(patch.layer)
-
-            def replace(resid: Tensor, hook, patch: Patch = patch) -> Tensor:
-                resid = resid.clone()
-                patch = patch.on(resid.device, resid.dtype)
-                if patch.add:
-                    resid[patch.rows, patch.positions] += patch.values
-                else:
-                    resid[patch.rows, patch.positions] = patch.values
-                return resid
-
-            hooks.append((self.hook_name(patch.layer), replace))
+            hooks.append((self.hook_name(patch.layer), lambda resid, hook, patch=patch: patch.applied_to(resid)))
         with torch.no_grad():
             return self.hooked.run_with_hooks(ids, fwd_hooks=hooks, attention_mask=self._mask(ids))
 

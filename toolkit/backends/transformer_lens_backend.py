@@ -78,17 +78,7 @@ class TransformerLensBackend(Backend):
         hooks = []
         for patch in patches:
             patch = patch.on(self.device, self.dtype)
-
-            def replace(resid: Tensor, hook, patch: Patch = patch) -> Tensor:
-                resid = resid.clone()
-                patch = patch.on(resid.device, resid.dtype)  # where the hook runs (device_map: any device)
-                if patch.add:
-                    resid[patch.rows, patch.positions] += patch.values
-                else:
-                    resid[patch.rows, patch.positions] = patch.values
-                return resid
-
-            hooks.append((self.hook_name(patch.layer), replace))
+            hooks.append((self.hook_name(patch.layer), lambda resid, hook, patch=patch: patch.applied_to(resid)))
         with torch.no_grad():
             return self.bridge.run_with_hooks(input_ids, fwd_hooks=hooks, **forward_kwargs)
 
