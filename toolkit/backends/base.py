@@ -237,7 +237,7 @@ class Backend(ABC):
         library holds its own copy of the weights (``HookedTransformer``) returns that.
 
         Example:
-            >>> model.frozen_module is model.hf_model      # nnsight, TransformerBridge  # doctest: +SKIP
+            >>> model.frozen_module is model.hf_model      # model = toolkit.load_model(): nnsight
             True
         """
         return self.hf_model
