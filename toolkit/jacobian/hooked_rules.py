@@ -35,7 +35,6 @@ Example:
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
@@ -43,17 +42,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from toolkit.jacobian.factors import FactorStore
-from toolkit.jacobian.freeze_rules import RULES, FreezeError, Undo, register_rule
+from toolkit.jacobian.freeze_rules import RULES, FreezeError, Undo, _phi, _tanh_gelu_gate, register_rule
 
 _COMPONENTS = "transformer_lens.components."
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 # cfg.act_fn -> the gate g with act(x) = x * g(x), for TransformerLens' activation functions
 # (transformer_lens.utilities.activation_functions.SUPPORTED_ACTIVATIONS), written without division.
 ACT_GATES: dict[str, Callable[[Tensor], Tensor]] = {
-    "gelu": lambda x: 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0))),
-    "gelu_new": lambda x: 0.5 * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * torch.pow(x, 3.0)))),
-    "gelu_pytorch_tanh": lambda x: 0.5 * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * torch.pow(x, 3.0)))),
+    "gelu": _phi,
+    "gelu_new": _tanh_gelu_gate,
+    "gelu_pytorch_tanh": _tanh_gelu_gate,
     "gelu_fast": lambda x: 0.5 * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))),
     "silu": torch.sigmoid,
     "relu": lambda x: (x > 0).to(x.dtype),
